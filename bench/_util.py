@@ -1,0 +1,271 @@
+"""Helpers for bench/bench.py: timing, memory-bandwidth probe, progress bar, machine info.
+
+Nothing in here knows about cross-entropy; bench.py holds the cases and contenders.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------
+
+
+def time_calls(fn: Callable[[], object], number: int) -> float:
+    """Seconds per call of ``fn``, averaged over ``number`` back-to-back calls.
+
+    The garbage collector is paused while timing (as ``timeit`` does); results are dropped
+    right away, so a function returning a fresh array pays for allocating *and* freeing it.
+    """
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        return (time.perf_counter() - t0) / number
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def calibrate(fn: Callable[[], object], min_time: float) -> int:
+    """How many calls make one timing sample last at least ``min_time`` seconds (>= 1).
+
+    Also serves as warm-up: it runs ``fn`` at least once and up to about 2 * min_time.
+    """
+    number = 1
+    while True:
+        t = time_calls(fn, number)
+        if t * number >= min_time:
+            return number
+        # aim a little above min_time; grow at most 100x per step so one slow call can't explode it
+        want = int(min_time * 1.2 / max(t, 1e-9)) + 1
+        number = max(number + 1, min(want, number * 100))
+
+
+def summarize_times(times: Iterable[float]) -> Dict[str, float]:
+    t = np.asarray(list(times), dtype=np.float64)
+    q1, med, q3 = np.percentile(t, [25, 50, 75])
+    return {
+        "median_s": float(med),
+        "min_s": float(t.min()),
+        "max_s": float(t.max()),
+        "q1_s": float(q1),
+        "q3_s": float(q3),
+        # half the inter-quartile range, relative to the median: a "+-" for the table
+        "spread_pct": float(50.0 * (q3 - q1) / med) if med > 0 else float("nan"),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# memory read bandwidth
+# --------------------------------------------------------------------------------------
+
+
+def _chunks(a: np.ndarray, n: int, align: int = 16) -> List[np.ndarray]:
+    """Split a 1-D array into n contiguous pieces whose starts are multiples of ``align``."""
+    bounds = [(len(a) * i // n) // align * align for i in range(n)] + [len(a)]
+    return [a[bounds[i]:bounds[i + 1]] for i in range(n)]
+
+
+# Simple full-array reads. Each is memory-bound on a modern x86 core (they all land within a few
+# % of each other here); we take the best of them so that one slow kernel can't understate the limit.
+_NUMPY_READERS: Dict[str, Callable[[np.ndarray], object]] = {
+    "numpy.sum(float32)": lambda c: c.sum(),
+    "numpy.bitwise_or.reduce(uint64 view)": lambda c: np.bitwise_or.reduce(c.view(np.uint64)),
+}
+
+
+def measure_read_bandwidth(
+    thread_counts: Iterable[int],
+    nbytes: int,
+    reps: int,
+    torch_mod: Any = None,
+    progress: Optional["Progress"] = None,
+) -> Dict[int, Dict[str, Any]]:
+    """Measure this machine's memory *read* bandwidth (GB/s, 1e9 bytes/s) per thread count.
+
+    A float32 array of ``nbytes`` (choose it well above the last-level cache) is read by
+      * the NumPy reductions in ``_NUMPY_READERS``; with T > 1 threads the array is cut into T
+        contiguous chunks reduced concurrently by T Python threads (NumPy releases the GIL inside
+        reductions, so they really run in parallel);
+      * ``torch.sum`` with ``torch.set_num_threads(T)`` when torch is installed.
+    Each method is timed ``reps`` times (interleaved); the limit for T threads is the best median.
+    """
+    a = np.ones(nbytes // 4, dtype=np.float32)  # np.ones touches every page
+    result: Dict[int, Dict[str, Any]] = {}
+    for nt in thread_counts:
+        pool = ThreadPoolExecutor(max_workers=nt) if nt > 1 else None
+        chunks = _chunks(a, nt)
+
+        def make_numpy(reader: Callable[[np.ndarray], object]) -> Callable[[], object]:
+            if pool is None:
+                return lambda: reader(a)
+            return lambda: list(pool.map(reader, chunks))
+
+        methods: Dict[str, Callable[[], object]] = {
+            (name if nt == 1 else f"{name} x {nt} Python threads"): make_numpy(f)
+            for name, f in _NUMPY_READERS.items()
+        }
+        if torch_mod is not None:
+            old = torch_mod.get_num_threads()
+            torch_mod.set_num_threads(nt)
+            ta = torch_mod.from_numpy(a)
+            methods[f"torch.sum (set_num_threads({nt}))"] = lambda: ta.sum()
+        try:
+            for fn in methods.values():  # warm-up
+                fn()
+            times: Dict[str, List[float]] = {k: [] for k in methods}
+            names = list(methods)
+            for r in range(reps):
+                for k in names[r % len(names):] + names[:r % len(names)]:
+                    times[k].append(time_calls(methods[k], 1))
+                if progress is not None:
+                    progress.update(0, "read bandwidth", f"{nt} thread(s), rep {r + 1}/{reps}")
+        finally:
+            if torch_mod is not None:
+                torch_mod.set_num_threads(old)
+            if pool is not None:
+                pool.shutdown()
+        gbps = {k: a.nbytes / float(np.median(v)) / 1e9 for k, v in times.items()}
+        best = max(gbps, key=gbps.get)
+        result[nt] = {"gbps": gbps[best], "best_method": best, "methods_gbps": gbps,
+                      "array_bytes": int(a.nbytes), "reps": reps}
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# progress bar
+# --------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Weighted progress bar on stderr: tqdm when installed, else a plain one-line bar.
+
+    ``update(weight, label, detail)`` adds ``weight`` units of the declared ``total``.
+    Silent when disabled; when stderr is not a terminal it prints one line per new label instead.
+    """
+
+    def __init__(self, total: float, enabled: bool = True) -> None:
+        self.total = max(float(total), 1e-9)
+        self.done = 0.0
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self._last_label = None
+        self._tqdm = None
+        if enabled and self.tty:
+            try:
+                from tqdm import tqdm  # type: ignore
+
+                self._tqdm = tqdm(total=100.0, unit="%", file=sys.stderr, leave=False,
+                                  bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+            except ImportError:
+                pass
+
+    def update(self, weight: float, label: str = "", detail: str = "") -> None:
+        """Add ``weight`` done units; show ``label`` (the current step) and ``detail``."""
+        if not self.enabled:
+            return
+        self.done = min(self.done + weight, self.total)
+        frac = self.done / self.total
+        text = f"{label} {detail}".strip()
+        if self._tqdm is not None:
+            self._tqdm.n = 100.0 * frac
+            self._tqdm.set_postfix_str(text, refresh=False)
+            self._tqdm.refresh()
+            return
+        elapsed = time.perf_counter() - self.t0
+        if not self.tty:  # a log line per new step, not per update
+            if label != self._last_label:
+                print(f"[{elapsed:6.1f}s] {label}", file=sys.stderr, flush=True)
+                self._last_label = label
+            return
+        eta = elapsed / frac - elapsed if frac > 0.02 else float("nan")
+        width = 30
+        filled = int(width * frac)
+        bar = "#" * filled + "." * (width - filled)
+        eta_s = f"eta {eta:4.0f}s" if eta == eta else "eta    ?"
+        line = f"\r[{bar}] {100 * frac:5.1f}% {elapsed:5.0f}s {eta_s}  {text}"
+        sys.stderr.write(line[:160].ljust(100))
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._tqdm is not None:
+            self._tqdm.close()
+        elif self.tty:
+            sys.stderr.write("\r" + " " * 160 + "\r")
+            sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------------------
+# machine / environment description
+# --------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def jsonable(obj: Any) -> Any:
+    """Round-trip through json with str() for anything exotic (NumPy scalars, paths, ...)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def machine_info(mods: Any) -> Dict[str, Any]:
+    info: Dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "versions": {"numpy": np.__version__},
+    }
+    for name in ("fastce", "torch", "scipy", "matplotlib", "threadpoolctl"):
+        mod = getattr(mods, name, None)
+        info["versions"][name] = getattr(mod, "__version__", None) if mod is not None else None
+    if mods.fastce is not None:
+        for key, getter in (("fastce_config", "get_config"), ("fastce_isa", "get_isa"),
+                            ("fastce_available_isas", "available_isas")):
+            try:
+                info[key] = getattr(mods.fastce, getter)()
+            except Exception as exc:  # keep the benchmark going; record why
+                info[key] = f"unavailable: {exc!r}"
+    if mods.threadpoolctl is not None:
+        try:
+            info["threadpoolctl"] = mods.threadpoolctl.threadpool_info()
+        except Exception as exc:
+            info["threadpoolctl"] = f"unavailable: {exc!r}"
+    if mods.torch is not None:
+        try:
+            info["torch_parallel_info"] = mods.torch.__config__.parallel_info()
+        except Exception:
+            pass
+    return jsonable(info)

@@ -1,0 +1,109 @@
+/* fastce: fused softmax cross-entropy kernels (plain C11, no Python headers).
+ *
+ * One job description (fce_job) tells a kernel where the logits are, what the
+ * targets are and what to produce; one entry point per dtype runs it on the
+ * instruction set chosen at run time (see fastce_dispatch.c).
+ *
+ * Geometry. Logits are viewed as (n_outer, n_classes, n_inner):
+ *   element (n, c, j) lives at x + n*outer_stride + c*class_stride + j*inner_stride
+ * (strides in elements, signed, 64-bit). A "sample" is a pair (n, j); samples
+ * are numbered n*n_inner + j, and every per-sample array (index targets, the
+ * per-sample loss, grad_output, log-sum-exp output) is contiguous in that order.
+ * Two layouts are supported by the kernels:
+ *   rows:    n_inner == 1 and class_stride == 1     ((N, C) with any row stride)
+ *   columns: inner_stride == 1 and class_stride >= n_inner  ((N, C, D) K-dim input)
+ * The binding brings any other layout to one of these with at most one copy.
+ */
+#ifndef FASTCE_H
+#define FASTCE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    FCE_OK = 0,
+    FCE_ERR_TARGET = 1,   /* a class index outside [0, C) that is not ignore_index */
+    FCE_ERR_NOMEM = 2,    /* scratch allocation failed */
+    FCE_ERR_ARG = 3,      /* inconsistent job (a bug in the caller) */
+    FCE_ERR_ISA = 4       /* requested instruction set not available */
+} fce_status;
+
+typedef enum {
+    FCE_REDUCE_NONE = 0,
+    FCE_REDUCE_SUM = 1,
+    FCE_REDUCE_MEAN = 2
+} fce_reduction;
+
+typedef enum {
+    FCE_OP_LOSS = 0,        /* cross-entropy loss (and optionally its gradient) */
+    FCE_OP_LOGSUMEXP = 1,   /* per-sample log-sum-exp over the classes -> lse_out */
+    FCE_OP_LOG_SOFTMAX = 2  /* x - logsumexp(x) -> out (same geometry as grad) */
+} fce_op;
+
+typedef struct {
+    /* what to compute */
+    int op;                    /* fce_op */
+    int reduction;             /* fce_reduction (FCE_OP_LOSS only) */
+
+    /* logits */
+    const void *x;
+    int64_t n_outer, n_classes, n_inner;
+    int64_t outer_stride, class_stride, inner_stride;
+
+    /* targets: exactly one of target / prob is set for FCE_OP_LOSS */
+    const int64_t *target;     /* n_outer*n_inner class indices, contiguous */
+    int64_t ignore_index;
+    const void *prob;          /* probabilities: same dtype and geometry as x */
+    int64_t prob_outer_stride, prob_class_stride, prob_inner_stride;
+
+    const void *weight;        /* (n_classes,) per-class weights of x's dtype, or NULL */
+    double label_smoothing;    /* in [0, 1] */
+
+    /* outputs */
+    void *loss_out;            /* per-sample loss (x's dtype), or NULL */
+    double loss_reduced;       /* out: the "sum"/"mean" result in double */
+    double weight_total;       /* out: the mean's denominator */
+
+    void *grad;                /* gradient / log-softmax output, or NULL; may equal x */
+    int64_t grad_outer_stride, grad_class_stride, grad_inner_stride;
+    const void *grad_output;   /* per-sample upstream gradient (x's dtype) for
+                                  reduction "none", or NULL for ones */
+    double grad_output_scalar; /* upstream gradient for "sum"/"mean" */
+
+    void *lse_out;             /* FCE_OP_LOGSUMEXP output (x's dtype), contiguous */
+
+    int n_threads;             /* <= 0: let the kernel choose */
+
+    /* error report */
+    int64_t bad_position;      /* sample number of the first bad target */
+    int64_t bad_value;         /* its value */
+} fce_job;
+
+/* Run a job on the instruction set currently selected. */
+int fce_run_f32(fce_job *job);
+int fce_run_f64(fce_job *job);
+
+/* Instruction sets: names "scalar", "avx2", "avx512", "neon". */
+int fce_isa_count(void);
+const char *fce_isa_name(int index);        /* compiled-in ISA number index */
+int fce_isa_supported(int index);           /* 1 if this CPU/OS can run it */
+int fce_isa_best(void);
+int fce_isa_current(void);
+int fce_isa_select(int index);              /* FCE_OK or FCE_ERR_ISA */
+
+/* Threads: the OpenMP runtime and the default thread count. */
+int fce_openmp_enabled(void);
+int fce_max_threads(void);
+
+/* The vectorised exp, exposed for accuracy tests: y[i] = exp(x[i]) for x <= 0
+ * (results below the smallest normal number are flushed to 0). */
+void fce_exp_f32(const float *x, float *y, int64_t n);
+void fce_exp_f64(const double *x, double *y, int64_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,781 @@
+/* fastce_kernel.c: the one body of every cross-entropy kernel.
+ *
+ * This file is compiled once per (dtype, instruction set) by setup.py, with
+ *   -DFCE_DTYPE=32|64  -DFCE_ISA=scalar|sse2|avx2|avx512|neon
+ * and that instruction set's compiler flags. The code is written with GCC/Clang
+ * vector extensions over V, a vector of L lanes of T; the same source becomes
+ * 1-lane scalar code, SSE2/NEON (16 bytes), AVX2 (32) or AVX-512 (64).
+ *
+ * The maths. For one sample with logits x_c, c = 0..C-1:
+ *   lse = log sum_c exp(x_c) = k + log s,   s = sum_c exp(x_c - k),  k = max_c x_c
+ * Online (one read of the row): split the row into blocks that fit in L1.
+ * For each block b: its max m_b (pass 1, from memory), then
+ *   s_b = sum exp(x - m_b), d_b = sum q (m_b - x), q_b = sum q  (pass 2, from L1),
+ * so each element costs one exp. Blocks merge into the running state with
+ *   s = s_a exp(m_a - m) + s_b exp(m_b - m),  m = max(m_a, m_b)
+ * (fce_state_merge). The loss of a sample is then
+ *   loss = a (lse - x_y) + b sum_c q_c (lse - x_c) = a ((k - x_y) + log s) + b (d + q log s)
+ * with, for class-index targets y:  a = (1 - eps) w_y, b = eps / C, q_c = w_c (or 1)
+ *      for probability targets p:   a = 0,             b = 1,       q_c = w_c ((1-eps) p_c + eps/C)
+ * and its gradient d loss / d x_c = (a + b q) softmax_c - a [c == y] - b q_c,
+ * where the target class uses expm1 in double: softmax_y - 1 cancels when p_y ~ 1.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include "fastce_internal.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) && !defined(FCE_ISA_IS_SCALAR)
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__) && !defined(FCE_ISA_IS_SCALAR)
+#include <arm_neon.h>
+#endif
+
+#ifndef FCE_DTYPE
+#error "compile with -DFCE_DTYPE=32 or 64"
+#endif
+#ifndef FCE_ISA
+#error "compile with -DFCE_ISA=<name>"
+#endif
+
+#define FCE_CAT3_(a, b, c) a##_##b##_##c
+#define FCE_CAT3(a, b, c) FCE_CAT3_(a, b, c)
+
+#if FCE_DTYPE == 32
+typedef float T;
+typedef int32_t TI;
+#define FCE_SFX f32
+#else
+typedef double T;
+typedef int64_t TI;
+#define FCE_SFX f64
+#endif
+#define EXPORT(name) FCE_CAT3(name, FCE_SFX, FCE_ISA)
+
+/* vector width in bytes */
+#if defined(FCE_ISA_IS_SCALAR)
+#define VB (FCE_DTYPE / 8)
+#elif defined(__AVX512F__)
+#define VB 64
+#elif defined(__AVX2__)
+#define VB 32
+#else
+#define VB 16
+#endif
+
+typedef T V __attribute__((vector_size(VB)));
+typedef TI VI __attribute__((vector_size(VB)));
+#define L ((int64_t)(VB / sizeof(T)))
+/* Rows are processed in blocks of BLK elements (8 KiB): pass 1 brings a block
+ * into L1, pass 2 reads it from there. */
+#define BLK ((int64_t)(8192 / sizeof(T)))
+#define SEG ((int64_t)(FCE_SEG_BYTES / sizeof(T)))
+/* software prefetch distance, bytes ahead of pass 1 */
+#define PF_BYTES 2048
+
+/* ---------------------------------------------------------------- vectors */
+
+static inline V splat(T a) { return (V){0} + a; }
+static inline V loadu(const T *p) { V v; memcpy(&v, p, sizeof v); return v; }
+static inline void storeu(T *p, V v) { memcpy(p, &v, sizeof v); }
+/* the first n (possibly <= 0) lanes from p, the rest `fill` */
+static inline V loadn(const T *p, int64_t n, T fill)
+{
+    if (n >= L) return loadu(p);
+    V v = splat(fill);
+    for (int64_t i = 0; i < n; i++) v[i] = p[i];
+    return v;
+}
+static inline void storen(T *p, V v, int64_t n)
+{
+    if (n >= L) { storeu(p, v); return; }
+    for (int64_t i = 0; i < n; i++) p[i] = v[i];
+}
+static inline V select(VI mask, V a, V b) { return (V)(((VI)a & mask) | ((VI)b & ~mask)); }
+
+/* max(a, b) lane-wise; b when a is NaN (so NaN never becomes the max) */
+static inline V vmax(V a, V b)
+{
+#if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32
+    return (V)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX512F__) && VB == 64
+    return (V)_mm512_max_pd((__m512d)a, (__m512d)b);
+#elif defined(__AVX__) && VB == 32 && FCE_DTYPE == 32
+    return (V)_mm256_max_ps((__m256)a, (__m256)b);
+#elif defined(__AVX__) && VB == 32
+    return (V)_mm256_max_pd((__m256d)a, (__m256d)b);
+#elif defined(__SSE2__) && VB == 16 && FCE_DTYPE == 32
+    return (V)_mm_max_ps((__m128)a, (__m128)b);
+#elif defined(__SSE2__) && VB == 16
+    return (V)_mm_max_pd((__m128d)a, (__m128d)b);
+#else
+    return select(a > b, a, b);
+#endif
+}
+
+static inline T hmax(V v)
+{
+    T r = v[0];
+    for (int64_t i = 1; i < L; i++) r = v[i] > r ? v[i] : r;
+    return r;
+}
+static inline double hsum(V v)
+{
+    double r = 0.0;
+    for (int64_t i = 0; i < L; i++) r += (double)v[i];
+    return r;
+}
+
+/* exp(x) for x <= 0 (and NaN). Range reduction x = n ln2 + r, |r| <= ln2/2,
+ * with n rounded by the 1.5*2^mant trick; exp(r) by a polynomial; 2^n built in
+ * the exponent bits. Results below the smallest normal number are flushed to
+ * exactly 0 (denormals take a microcode slow path); -inf gives 0, NaN gives NaN. */
+static inline V vexp(V x)
+{
+#if FCE_DTYPE == 32
+    const T magic = 12582912.0f;            /* 1.5 * 2^23 */
+    const T log2e = 1.44269504088896341f;
+    const T ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    const T x_min = -87.3365447505531f;     /* log(FLT_MIN) */
+    V t = x * log2e + magic;
+    V n = t - magic;
+    V r = x - n * ln2_hi;
+    r = r - n * ln2_lo;
+    /* Cephes expf polynomial: exp(r) = 1 + r + r^2 P(r) */
+    V p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    VI e = ((VI)t - (VI)splat(magic) + 127) << 23;
+#else
+    const T magic = 6755399441055744.0;     /* 1.5 * 2^52 */
+    const T log2e = 1.4426950408889634074;
+    const T ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+    const T x_min = -708.396418532264106;    /* log(DBL_MIN) */
+    V t = x * log2e + magic;
+    V n = t - magic;
+    V r = x - n * ln2_hi;
+    r = r - n * ln2_lo;
+    /* Taylor to r^13: truncation < 4.1e-18 relative for |r| <= ln2/2 */
+    V p = splat(1.0 / 6227020800.0);
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * (r * r) + r + 1.0;
+    VI e = ((VI)t - (VI)splat(magic) + 1023) << 52;
+#endif
+    V y = p * (V)e;
+    return (V)((VI)y & ~(VI)(x < x_min));
+}
+
+/* ------------------------------------------------------------ the job */
+
+enum { Q_NONE = 0, Q_ONE, Q_W, Q_P, Q_PW };
+
+typedef struct {
+    const fce_job *job;
+    int op, reduction, qmode, has_y, want_out;
+    int64_t C;
+    const T *x;
+    const T *w;
+    const T *p;
+    T *g;
+    T pa, pb;            /* q from probabilities: (pa p + pb) (* w) */
+    double a0, b;        /* a = a0 * w_y; b as in the header comment */
+    double gscale;       /* upstream gradient for sum/mean, / total for mean */
+} ctx;
+
+/* the coefficients q for classes [c, c+n) of a row, as a vector from lane 0 */
+FCE_INLINE V qload(int qmode, const T *w, const T *p, int64_t n, T pa, T pb)
+{
+    V q;
+    switch (qmode) {
+    case Q_ONE: q = splat(1); break;
+    case Q_W: q = loadn(w, n, 0); break;
+    case Q_P: q = loadn(p, n, 0) * pa + pb; break;
+    case Q_PW: q = (loadn(p, n, 0) * pa + pb) * loadn(w, n, 0); break;
+    default: q = splat(0); break;
+    }
+    if (n < L)
+        for (int64_t i = n < 0 ? 0 : n; i < L; i++) q[i] = 0;
+    return q;
+}
+
+/* The state of n contiguous classes (n <= BLK): pass 1 the max, pass 2 the rest. */
+FCE_INLINE void block_stats(const T *x, int64_t n, int qmode, const T *w, const T *p,
+                            T pa, T pb, fce_state *st)
+{
+    V m0 = splat(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    int64_t i = 0;
+    for (; i + 4 * L <= n; i += 4 * L) {
+        for (int64_t b = 0; b < 4 * VB; b += 64)
+            __builtin_prefetch((const char *)(x + i) + PF_BYTES + b);
+        m0 = vmax(loadu(x + i), m0);
+        m1 = vmax(loadu(x + i + L), m1);
+        m2 = vmax(loadu(x + i + 2 * L), m2);
+        m3 = vmax(loadu(x + i + 3 * L), m3);
+    }
+    for (; i < n; i += L) m0 = vmax(loadn(x + i, n - i, -INFINITY), m0);
+    T mb = hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
+    T k = mb == -INFINITY ? 0 : mb;
+    V vk = splat(k);
+
+    V s0 = splat(0), s1 = s0, d0 = s0, q0 = s0;
+    i = 0;
+    for (; i + 2 * L <= n; i += 2 * L) {
+        V xa = loadu(x + i), xb = loadu(x + i + L);
+        s0 += vexp(xa - vk);
+        s1 += vexp(xb - vk);
+        if (qmode != Q_NONE) {
+            V qa = qload(qmode, w + i, p + i, L, pa, pb);
+            V qb = qload(qmode, w + i + L, p + i + L, L, pa, pb);
+            d0 += qa * (vk - xa) + qb * (vk - xb);
+            q0 += qa + qb;
+        }
+    }
+    for (; i < n; i += L) {
+        V xa = loadn(x + i, n - i, -INFINITY);
+        s0 += vexp(xa - vk);
+        if (qmode != Q_NONE) {
+            V qa = qload(qmode, w + i, p + i, n - i, pa, pb);
+            d0 += qa * (vk - loadn(x + i, n - i, k));
+            q0 += qa;
+        }
+    }
+    st->m = (double)mb;
+    st->s = hsum(s0 + s1);
+    st->d = qmode != Q_NONE ? hsum(d0) : 0.0;
+    st->q = qmode != Q_NONE ? hsum(q0) : 0.0;
+}
+
+/* The state of n contiguous classes, block by block, merged in order. */
+FCE_INLINE void range_stats(const T *x, int64_t n, int qmode, const T *w, const T *p,
+                            T pa, T pb, fce_state *st)
+{
+    int64_t b0 = n < BLK ? n : BLK;
+    block_stats(x, b0, qmode, w, p, pa, pb, st);
+    for (; b0 < n; b0 += BLK) {
+        fce_state bs;
+        int64_t len = n - b0 < BLK ? n - b0 : BLK;
+        block_stats(x + b0, len, qmode, w ? w + b0 : w, p ? p + b0 : p, pa, pb, &bs);
+        fce_state_merge(st, &bs);
+    }
+}
+
+static void range_stats_any(const ctx *cx, const T *x, int64_t n, const T *w, const T *p,
+                            fce_state *st)
+{
+    switch (cx->qmode) {
+    case Q_ONE: range_stats(x, n, Q_ONE, w, p, cx->pa, cx->pb, st); break;
+    case Q_W: range_stats(x, n, Q_W, w, p, cx->pa, cx->pb, st); break;
+    case Q_P: range_stats(x, n, Q_P, w, p, cx->pa, cx->pb, st); break;
+    case Q_PW: range_stats(x, n, Q_PW, w, p, cx->pa, cx->pb, st); break;
+    default: range_stats(x, n, Q_NONE, w, p, cx->pa, cx->pb, st); break;
+    }
+}
+
+/* out[c] = c1 exp((x_c - k) - ls) - c2 q_c  (gradient), or (x_c - k) - ls (log-softmax) */
+FCE_INLINE void write_range(const T *x, T *out, int64_t n, int qmode, int log_softmax,
+                            const T *w, const T *p, T pa, T pb, T k, T ls, T c1, T c2)
+{
+    V vk = splat(k), vls = splat(ls), vc1 = splat(c1), vc2 = splat(c2);
+    for (int64_t i = 0; i < n; i += L) {
+        int64_t r = n - i;
+        V z = (loadn(x + i, r, 0) - vk) - vls;
+        V o;
+        if (log_softmax) {
+            o = z;
+        } else {
+            o = vc1 * vexp(z);
+            if (qmode != Q_NONE) o -= vc2 * qload(qmode, w + i, p + i, r, pa, pb);
+        }
+        storen(out + i, o, r);
+    }
+}
+
+static void write_range_any(const ctx *cx, const T *x, T *out, int64_t n, const T *w,
+                            const T *p, T k, T ls, T c1, T c2)
+{
+    if (cx->op == FCE_OP_LOG_SOFTMAX) {
+        write_range(x, out, n, Q_NONE, 1, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+        return;
+    }
+    switch (cx->qmode) {
+    case Q_ONE: write_range(x, out, n, Q_ONE, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2); break;
+    case Q_W: write_range(x, out, n, Q_W, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2); break;
+    case Q_P: write_range(x, out, n, Q_P, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2); break;
+    case Q_PW: write_range(x, out, n, Q_PW, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2); break;
+    default: write_range(x, out, n, Q_NONE, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2); break;
+    }
+}
+
+/* ------------------------------------------------- per-sample finishing */
+
+/* Everything a sample needs after its state is known. */
+typedef struct {
+    int ignored;
+    int64_t y;
+    double xy, a, k, ls, gs;   /* gs: the upstream gradient scale of this sample */
+} sample;
+
+/* Loss of sample number s with state st (and fills in smp for the write pass). */
+static double finish_sample(const ctx *cx, int64_t s, const fce_state *st, sample *smp)
+{
+    const fce_job *job = cx->job;
+    smp->k = fce_shift(st->m);
+    smp->ls = log(st->s);
+    if (cx->op == FCE_OP_LOGSUMEXP) {
+        /* +inf logit: the sum is inf, not the NaN of inf - inf */
+        double lse = st->m == INFINITY ? INFINITY : smp->k + smp->ls;
+        ((T *)job->lse_out)[s] = (T)lse;
+        return 0.0;
+    }
+    if (cx->op == FCE_OP_LOG_SOFTMAX) return 0.0;
+    double loss = 0.0;
+    if (cx->has_y)
+        loss = smp->a * ((smp->k - smp->xy) + smp->ls);
+    if (cx->qmode != Q_NONE)
+        loss += cx->b * (st->d + st->q * smp->ls);
+    if (cx->want_out) {
+        if (cx->reduction == FCE_REDUCE_NONE)
+            smp->gs = job->grad_output ? (double)((const T *)job->grad_output)[s] : 1.0;
+        else
+            smp->gs = cx->gscale;
+    }
+    if (job->loss_out) ((T *)job->loss_out)[s] = (T)loss;
+    return loss;
+}
+
+/* Target and weight of sample s; returns 0 if ignored. */
+static int sample_target(const ctx *cx, int64_t s, sample *smp)
+{
+    smp->ignored = 0;
+    smp->y = 0;
+    smp->xy = smp->k = smp->ls = 0.0;
+    smp->gs = 1.0;
+    smp->a = cx->a0;
+    if (!cx->has_y) return 1;
+    int64_t y = cx->job->target[s];
+    smp->y = y;
+    if (y == cx->job->ignore_index) {
+        smp->ignored = 1;
+        if (cx->job->loss_out) ((T *)cx->job->loss_out)[s] = 0;
+        return 0;
+    }
+    if (cx->w) smp->a = cx->a0 * (double)cx->w[y];
+    return 1;
+}
+
+/* The exact gradient of the target class, in double:
+ * gs (a (p_y - 1) + b (q p_y - q_y)), p_y - 1 = expm1(x_y - lse). */
+static T target_grad(const ctx *cx, const sample *smp, double qsum)
+{
+    double z = (smp->xy - smp->k) - smp->ls;
+    double g = smp->a * expm1(z);
+    if (cx->qmode != Q_NONE) {
+        double qy = cx->w ? (double)cx->w[smp->y] : 1.0;
+        g += cx->b * (qsum * exp(z) - qy);
+    }
+    return (T)(smp->gs * g);
+}
+
+/* ------------------------------------------------------- rows layout */
+
+/* One whole row r (C <= SEG). Returns its loss. */
+static double row_one(const ctx *cx, int64_t r)
+{
+    const fce_job *job = cx->job;
+    const T *x = cx->x + r * job->outer_stride;
+    const T *p = cx->p ? cx->p + r * job->prob_outer_stride : NULL;
+    T *g = cx->g ? cx->g + r * job->grad_outer_stride : NULL;
+    sample smp;
+    if (!sample_target(cx, r, &smp)) {
+        if (g) memset(g, 0, (size_t)cx->C * sizeof(T));
+        return 0.0;
+    }
+    if (cx->has_y) smp.xy = (double)x[smp.y];
+    fce_state st;
+    range_stats_any(cx, x, cx->C, cx->w, p, &st);
+    double loss = finish_sample(cx, r, &st, &smp);
+    if (g) {
+        double c1 = smp.gs * (smp.a + cx->b * st.q), c2 = smp.gs * cx->b;
+        write_range_any(cx, x, g, cx->C, cx->w, p, (T)smp.k, (T)smp.ls, (T)c1, (T)c2);
+        if (cx->has_y && cx->op == FCE_OP_LOSS) g[smp.y] = target_grad(cx, &smp, st.q);
+    }
+    return loss;
+}
+
+/* ------------------------------------- columns layout (K-dim, small C) */
+
+#define G (4 * L) /* positions per group: four vectors */
+
+/* Up to G positions j = 0..J-1 of one outer index: element (c, j) at x[c*cs + j],
+ * samples s0..s0+J-1. Probabilities at p[c*pcs + j], output at out[c*ocs + j].
+ * Two passes over the C x G tile (max, then exp-sum), then the write pass. */
+static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int64_t pcs,
+                         T *out, int64_t ocs, int64_t J, int64_t s0)
+{
+    const int64_t C = cx->C;
+    const int qmode = cx->qmode;
+    V m[4];
+    for (int v = 0; v < 4; v++) m[v] = splat(-INFINITY);
+    for (int64_t c = 0; c < C; c++)
+        for (int v = 0; v < 4; v++)
+            m[v] = vmax(loadn(x + c * cs + v * L, J - v * L, -INFINITY), m[v]);
+    V k[4];
+    for (int v = 0; v < 4; v++) k[v] = select(m[v] == -INFINITY, splat(0), m[v]);
+
+    /* sums over classes in T, folded into double every CH classes */
+    enum { CH = 64 };
+    double S[G], D[G], Q[G];
+    for (int64_t j = 0; j < G; j++) S[j] = D[j] = Q[j] = 0.0;
+    for (int64_t c0 = 0; c0 < C; c0 += CH) {
+        int64_t c1 = c0 + CH < C ? c0 + CH : C;
+        V s[4], d[4], q[4];
+        for (int v = 0; v < 4; v++) s[v] = d[v] = q[v] = splat(0);
+        for (int64_t c = c0; c < c1; c++) {
+            V qc = splat(0);
+            if (qmode == Q_ONE) qc = splat(1);
+            else if (qmode == Q_W) qc = splat(cx->w[c]);
+            for (int v = 0; v < 4; v++) {
+                V xv = loadn(x + c * cs + v * L, J - v * L, -INFINITY);
+                s[v] += vexp(xv - k[v]);
+                if (qmode != Q_NONE) {
+                    V qv = qc;
+                    if (qmode == Q_P || qmode == Q_PW) {
+                        qv = loadn(p + c * pcs + v * L, J - v * L, 0) * cx->pa + cx->pb;
+                        if (qmode == Q_PW) qv *= cx->w[c];
+                    }
+                    d[v] += qv * (k[v] - xv);
+                    q[v] += qv;
+                }
+            }
+        }
+        for (int v = 0; v < 4; v++)
+            for (int64_t i = 0; i < L; i++) {
+                S[v * L + i] += (double)s[v][i];
+                D[v * L + i] += (double)d[v][i];
+                Q[v * L + i] += (double)q[v][i];
+            }
+    }
+
+    /* finish each position */
+    double total = 0.0;
+    sample smp[G];
+    T Kt[G], LSt[G], C1[G], C2[G];
+    TI keep[G];
+    for (int64_t j = 0; j < J; j++) {
+        fce_state st = {(double)m[j / L][j % L], S[j], D[j], Q[j]};
+        keep[j] = 0;
+        Kt[j] = LSt[j] = C1[j] = C2[j] = 0;
+        if (!sample_target(cx, s0 + j, &smp[j])) continue;
+        if (cx->has_y) smp[j].xy = (double)x[smp[j].y * cs + j];
+        total += finish_sample(cx, s0 + j, &st, &smp[j]);
+        keep[j] = -1;
+        Kt[j] = (T)smp[j].k;
+        LSt[j] = (T)smp[j].ls;
+        if (cx->want_out && cx->op == FCE_OP_LOSS) {
+            C1[j] = (T)(smp[j].gs * (smp[j].a + cx->b * Q[j]));
+            C2[j] = (T)(smp[j].gs * cx->b);
+        }
+    }
+    if (!cx->want_out) return total;
+
+    /* write pass: gradient or log-softmax, zero for ignored positions */
+    const int log_softmax = cx->op == FCE_OP_LOG_SOFTMAX;
+    for (int64_t j = J; j < G; j++) keep[j] = 0, Kt[j] = LSt[j] = C1[j] = C2[j] = 0;
+    for (int64_t c = 0; c < C; c++) {
+        V qc = splat(0);
+        if (qmode == Q_ONE) qc = splat(1);
+        else if (qmode == Q_W) qc = splat(cx->w[c]);
+        for (int v = 0; v < 4; v++) {
+            int64_t n = J - v * L;
+            if (n <= 0) break;
+            V z = (loadn(x + c * cs + v * L, n, 0) - loadu(Kt + v * L)) - loadu(LSt + v * L);
+            V o;
+            if (log_softmax) {
+                o = z;
+            } else {
+                o = loadu(C1 + v * L) * vexp(z);
+                if (qmode != Q_NONE) {
+                    V qv = qc;
+                    if (qmode == Q_P || qmode == Q_PW) {
+                        qv = loadn(p + c * pcs + v * L, n, 0) * cx->pa + cx->pb;
+                        if (qmode == Q_PW) qv *= cx->w[c];
+                    }
+                    o -= loadu(C2 + v * L) * qv;
+                }
+            }
+            VI kv;
+            memcpy(&kv, keep + v * L, sizeof kv);
+            storen(out + c * ocs + v * L, (V)((VI)o & kv), n);
+        }
+    }
+    if (cx->has_y && !log_softmax)
+        for (int64_t j = 0; j < J; j++)
+            if (keep[j]) out[smp[j].y * ocs + j] = target_grad(cx, &smp[j], Q[j]);
+    return total;
+}
+
+/* Rows r0..r1-1 of a rows-layout job with small C: transpose G rows at a time
+ * into a column tile and run the columns kernel on it. */
+static double rows_small_c(const ctx *cx, int64_t r0, int64_t r1)
+{
+    const fce_job *job = cx->job;
+    const int64_t C = cx->C;
+    T xt[FCE_SMALL_C * G], pt[FCE_SMALL_C * G], gt[FCE_SMALL_C * G];
+    double total = 0.0;
+    for (int64_t r = r0; r < r1; r += G) {
+        int64_t J = r1 - r < G ? r1 - r : G;
+        for (int64_t j = 0; j < J; j++) {
+            const T *xr = cx->x + (r + j) * job->outer_stride;
+            for (int64_t c = 0; c < C; c++) xt[c * G + j] = xr[c];
+            if (cx->p) {
+                const T *pr = cx->p + (r + j) * job->prob_outer_stride;
+                for (int64_t c = 0; c < C; c++) pt[c * G + j] = pr[c];
+            }
+        }
+        total += cols_group(cx, xt, G, pt, G, gt, G, J, r);
+        if (cx->want_out)
+            for (int64_t j = 0; j < J; j++) {
+                T *gr = cx->g + (r + j) * job->grad_outer_stride;
+                for (int64_t c = 0; c < C; c++) gr[c] = gt[c * G + j];
+            }
+    }
+    return total;
+}
+
+/* ------------------------------------------------------------ drivers */
+
+/* Check the targets of samples [s0, s1): the first bad one is reported
+ * (position, value) and 0 returned; *wsum gets the weight of the kept ones. */
+static int check_targets(const ctx *cx, int64_t s0, int64_t s1, double *wsum,
+                         int64_t *bad_pos, int64_t *bad_val)
+{
+    const fce_job *job = cx->job;
+    double acc = 0.0;
+    if (!cx->has_y) {
+        *wsum = (double)(s1 - s0);
+        return 1;
+    }
+    for (int64_t s = s0; s < s1; s++) {
+        int64_t y = job->target[s];
+        if (y == job->ignore_index) continue;
+        if (y < 0 || y >= cx->C) {
+            *bad_pos = s;
+            *bad_val = y;
+            return 0;
+        }
+        acc += cx->w ? (double)cx->w[y] : 1.0;
+    }
+    *wsum = acc;
+    return 1;
+}
+
+int EXPORT(fce_run)(fce_job *job)
+{
+    ctx cx;
+    memset(&cx, 0, sizeof cx);
+    cx.job = job;
+    cx.op = job->op;
+    cx.reduction = job->reduction;
+    cx.C = job->n_classes;
+    cx.x = (const T *)job->x;
+    cx.w = (const T *)job->weight;
+    cx.p = (const T *)job->prob;
+    cx.g = (T *)job->grad;
+    cx.want_out = job->grad != NULL;
+    cx.has_y = job->op == FCE_OP_LOSS && job->target != NULL;
+    const int64_t C = cx.C, N = job->n_outer, D = job->n_inner;
+    const int64_t n_samples = N * D;
+    job->loss_reduced = 0.0;
+    job->weight_total = 0.0;
+    if (C <= 0) return FCE_ERR_ARG;
+
+    if (job->op == FCE_OP_LOSS) {
+        double eps = job->label_smoothing;
+        if (cx.has_y) {
+            cx.a0 = 1.0 - eps;
+            cx.b = eps / (double)C;
+            cx.qmode = eps > 0 ? (cx.w ? Q_W : Q_ONE) : Q_NONE;
+        } else if (cx.p) {
+            cx.a0 = 0.0;
+            cx.b = 1.0;
+            cx.pa = (T)(1.0 - eps);
+            cx.pb = (T)(eps / (double)C);
+            cx.qmode = cx.w ? Q_PW : Q_P;
+        } else {
+            return FCE_ERR_ARG;
+        }
+    }
+    const int rows = D == 1 && job->class_stride == 1;
+    const int cols = !rows && job->inner_stride == 1;
+    if (!rows && !cols) return FCE_ERR_ARG;
+    if (cx.p && rows && job->prob_class_stride != 1) return FCE_ERR_ARG;
+    if (cx.p && cols && job->prob_inner_stride != 1) return FCE_ERR_ARG;
+    if (cx.g && rows && job->grad_class_stride != 1) return FCE_ERR_ARG;
+    if (cx.g && cols && job->grad_inner_stride != 1) return FCE_ERR_ARG;
+
+    /* The mean's denominator must be known before gradients are written. */
+    if (cx.has_y || cx.p) {
+        int64_t bad_pos = 0, bad_val = 0;
+        if (!check_targets(&cx, 0, n_samples, &job->weight_total, &bad_pos, &bad_val)) {
+            job->bad_position = bad_pos;
+            job->bad_value = bad_val;
+            return FCE_ERR_TARGET;
+        }
+        cx.gscale = job->grad_output_scalar;
+        if (job->reduction == FCE_REDUCE_MEAN) cx.gscale /= job->weight_total;
+    }
+    if (n_samples == 0) {
+        job->loss_reduced = job->reduction == FCE_REDUCE_MEAN ? NAN : 0.0;
+        return FCE_OK;
+    }
+
+    /* Work items: rows of whole rows, row segments, or (outer, position tile). */
+    int64_t seg = rows && C > SEG ? SEG : C;        /* classes per work piece */
+    int64_t nseg = (C + seg - 1) / seg;
+    int64_t per_item, n_items;
+    if (rows && nseg == 1) {
+        per_item = FCE_ITEM_ELEMS / C;
+        if (C <= FCE_SMALL_C) per_item = (per_item + G - 1) / G * G;
+        if (per_item < 1) per_item = 1;
+        n_items = (N + per_item - 1) / per_item;
+    } else if (rows) {
+        per_item = 1;
+        n_items = N * nseg;
+    } else {
+        per_item = FCE_ITEM_ELEMS / C;
+        per_item = per_item < G ? G : per_item / G * G;
+        n_items = N * ((D + per_item - 1) / per_item);
+    }
+    int nt = fce_pick_threads(job->n_threads, N * C * D, n_items);
+    (void)nt; /* unused without OpenMP */
+
+    double stack_partials[64];
+    double *partials = n_items <= 64 ? stack_partials : malloc((size_t)n_items * sizeof(double));
+    fce_state *states = NULL;
+    sample *smps = NULL;
+    if (rows && nseg > 1) {
+        states = malloc((size_t)n_items * sizeof(fce_state));
+        smps = malloc((size_t)N * sizeof(sample));
+    }
+    if (!partials || (rows && nseg > 1 && (!states || !smps))) {
+        if (partials != stack_partials) free(partials);
+        free(states);
+        free(smps);
+        return FCE_ERR_NOMEM;
+    }
+
+    if (rows && nseg == 1) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+#endif
+        for (int64_t it = 0; it < n_items; it++) {
+            int64_t r0 = it * per_item, r1 = r0 + per_item < N ? r0 + per_item : N;
+            double acc = 0.0;
+            if (C <= FCE_SMALL_C) {
+                acc = rows_small_c(&cx, r0, r1);
+            } else {
+                for (int64_t r = r0; r < r1; r++) acc += row_one(&cx, r);
+            }
+            partials[it] = acc;
+        }
+    } else if (rows) {
+        /* long rows: segment states in parallel, merged per row in order */
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+#endif
+        for (int64_t it = 0; it < n_items; it++) {
+            int64_t r = it / nseg, c0 = (it % nseg) * seg;
+            int64_t len = C - c0 < seg ? C - c0 : seg;
+            const T *xr = cx.x + r * job->outer_stride + c0;
+            const T *pr = cx.p ? cx.p + r * job->prob_outer_stride + c0 : NULL;
+            range_stats_any(&cx, xr, len, cx.w ? cx.w + c0 : NULL, pr, &states[it]);
+        }
+        for (int64_t r = 0; r < N; r++) {
+            sample *smp = &smps[r];
+            fce_state st = states[r * nseg];
+            for (int64_t i = 1; i < nseg; i++) fce_state_merge(&st, &states[r * nseg + i]);
+            states[r * nseg] = st;
+            if (!sample_target(&cx, r, smp)) continue;
+            if (cx.has_y) smp->xy = (double)cx.x[r * job->outer_stride + smp->y];
+            job->loss_reduced += finish_sample(&cx, r, &st, smp);
+        }
+        if (cx.want_out) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+#endif
+            for (int64_t it = 0; it < n_items; it++) {
+                int64_t r = it / nseg, c0 = (it % nseg) * seg;
+                int64_t len = C - c0 < seg ? C - c0 : seg;
+                const sample *smp = &smps[r];
+                T *gr = cx.g + r * job->grad_outer_stride;
+                if (smp->ignored) {
+                    memset(gr + c0, 0, (size_t)len * sizeof(T));
+                    continue;
+                }
+                double q = states[r * nseg].q;
+                double c1 = smp->gs * (smp->a + cx.b * q), c2 = smp->gs * cx.b;
+                write_range_any(&cx, cx.x + r * job->outer_stride + c0, gr + c0, len,
+                                cx.w ? cx.w + c0 : NULL,
+                                cx.p ? cx.p + r * job->prob_outer_stride + c0 : NULL,
+                                (T)smp->k, (T)smp->ls, (T)c1, (T)c2);
+            }
+            /* after every segment is written (out may alias x) */
+            if (cx.has_y && cx.op == FCE_OP_LOSS)
+                for (int64_t r = 0; r < N; r++)
+                    if (!smps[r].ignored)
+                        cx.g[r * job->grad_outer_stride + smps[r].y] =
+                            target_grad(&cx, &smps[r], states[r * nseg].q);
+        }
+        n_items = 0; /* the sum is already in loss_reduced */
+    } else {
+        int64_t tiles = (D + per_item - 1) / per_item;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+#endif
+        for (int64_t it = 0; it < n_items; it++) {
+            int64_t n = it / tiles, j0 = (it % tiles) * per_item;
+            int64_t j1 = j0 + per_item < D ? j0 + per_item : D;
+            double acc = 0.0;
+            for (int64_t j = j0; j < j1; j += G) {
+                int64_t J = j1 - j < G ? j1 - j : G;
+                const T *xg = cx.x + n * job->outer_stride + j;
+                const T *pg = cx.p ? cx.p + n * job->prob_outer_stride + j : NULL;
+                T *og = cx.g ? cx.g + n * job->grad_outer_stride + j : NULL;
+                acc += cols_group(&cx, xg, job->class_stride, pg, job->prob_class_stride, og,
+                                  job->grad_class_stride, J, n * D + j);
+            }
+            partials[it] = acc;
+        }
+    }
+
+    double total = job->loss_reduced;
+    for (int64_t it = 0; it < n_items; it++) total += partials[it];
+    job->loss_reduced = job->reduction == FCE_REDUCE_MEAN ? total / job->weight_total : total;
+
+    if (partials != stack_partials) free(partials);
+    free(states);
+    free(smps);
+    return FCE_OK;
+}
+
+void EXPORT(fce_exp)(const T *x, T *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i += L) storen(y + i, vexp(loadn(x + i, n - i, 0)), n - i);
+}

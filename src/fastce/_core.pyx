@@ -1,0 +1,647 @@
+# cython: language_level=3
+"""The binding: argument checks, memory layout, one nogil call into C, errors.
+
+Data flows one way: Python arguments -> checked and normalised arrays -> one
+fce_job for the C kernel (pointers, sizes, strides, options) -> a status code
+-> an exception or the result. Nothing here loops over elements.
+"""
+import os
+import warnings
+
+import numpy as np
+
+cimport numpy as cnp
+from libc.stdint cimport int64_t
+
+cnp.import_array()
+
+cdef extern from "fastce.h" nogil:
+    ctypedef struct fce_job:
+        int op
+        int reduction
+        const void *x
+        int64_t n_outer, n_classes, n_inner
+        int64_t outer_stride, class_stride, inner_stride
+        const int64_t *target
+        int64_t ignore_index
+        const void *prob
+        int64_t prob_outer_stride, prob_class_stride, prob_inner_stride
+        const void *weight
+        double label_smoothing
+        void *loss_out
+        double loss_reduced
+        double weight_total
+        void *grad
+        int64_t grad_outer_stride, grad_class_stride, grad_inner_stride
+        const void *grad_output
+        double grad_output_scalar
+        void *lse_out
+        int n_threads
+        int64_t bad_position
+        int64_t bad_value
+
+    int fce_run_f32(fce_job *job)
+    int fce_run_f64(fce_job *job)
+    int fce_isa_count()
+    const char *fce_isa_name(int index)
+    int fce_isa_supported(int index)
+    int fce_isa_best()
+    int fce_isa_current()
+    int fce_isa_select(int index)
+    int fce_openmp_enabled()
+    int fce_max_threads()
+    void fce_exp_f32(const float *x, float *y, int64_t n)
+    void fce_exp_f64(const double *x, double *y, int64_t n)
+
+cdef extern from *:
+    """
+    #ifndef FASTCE_OPENMP_FLAGS
+    #define FASTCE_OPENMP_FLAGS ""
+    #endif
+    #ifndef FASTCE_BUILD_FLAGS
+    #define FASTCE_BUILD_FLAGS ""
+    #endif
+    """
+    const char *FASTCE_OPENMP_FLAGS
+    const char *FASTCE_BUILD_FLAGS
+
+cdef enum:
+    FCE_OK = 0
+    FCE_ERR_TARGET = 1
+    FCE_ERR_NOMEM = 2
+    FCE_ERR_ARG = 3
+    FCE_REDUCE_NONE = 0
+    FCE_REDUCE_SUM = 1
+    FCE_REDUCE_MEAN = 2
+    FCE_OP_LOSS = 0
+    FCE_OP_LOGSUMEXP = 1
+    FCE_OP_LOG_SOFTMAX = 2
+
+_REDUCTIONS = {"none": FCE_REDUCE_NONE, "sum": FCE_REDUCE_SUM, "mean": FCE_REDUCE_MEAN}
+_INT64_MAX = 2 ** 63 - 1
+
+
+# ------------------------------------------------------------------ threads
+
+def _env_threads():
+    value = os.environ.get("FASTCE_NUM_THREADS")
+    if not value:
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        warnings.warn(f"FASTCE_NUM_THREADS={value!r} is not a positive integer; ignored",
+                      RuntimeWarning, stacklevel=2)
+        return 0
+    return n
+
+cdef int _default_threads = _env_threads()
+
+cdef int _threads(n_threads) except -1:
+    if n_threads is None:
+        return _default_threads
+    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
+        raise TypeError(f"n_threads must be a positive int or None, got {n_threads!r}")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    return min(int(n_threads), 1 << 16)
+
+
+# ------------------------------------------------------------ instruction sets
+
+def _isa_names():
+    return [fce_isa_name(i).decode() for i in range(fce_isa_count())]
+
+def available_isas():
+    """The instruction-set variants this CPU can run, slowest first.
+
+    Returns
+    -------
+    list of str
+        A subset of ``["scalar", "sse2", "avx2", "avx512"]`` on x86-64
+        (``["scalar", "neon"]`` on arm64); the last one is the default.
+    """
+    return [n for i, n in enumerate(_isa_names()) if fce_isa_supported(i)]
+
+def get_isa():
+    """The name of the instruction-set variant in use, e.g. ``"avx512"``."""
+    return fce_isa_name(fce_isa_current()).decode()
+
+def set_isa(name):
+    """Use the kernel variant ``name`` (one of :func:`available_isas`) from now on.
+
+    ``"best"`` selects the fastest variant this CPU supports. The
+    ``FASTCE_ISA`` environment variable does the same at import.
+    """
+    names = _isa_names()
+    if name == "best":
+        fce_isa_select(fce_isa_best())
+        return
+    if name not in names:
+        raise ValueError(f"unknown instruction set {name!r}; expected one of {names} or 'best'")
+    if fce_isa_select(names.index(name)) != FCE_OK:
+        raise ValueError(f"instruction set {name!r} is not supported by this CPU; "
+                         f"available: {available_isas()}")
+
+def _build_info():
+    return {
+        "openmp": bool(fce_openmp_enabled()),
+        "openmp_flags": FASTCE_OPENMP_FLAGS.decode(),
+        "c_flags": FASTCE_BUILD_FLAGS.decode(),
+        "max_threads": fce_max_threads(),
+        "default_threads": _default_threads,
+        "isas_compiled": _isa_names(),
+    }
+
+_env_isa = os.environ.get("FASTCE_ISA")
+if _env_isa:
+    try:
+        set_isa(_env_isa)
+    except ValueError as exc:
+        warnings.warn(f"FASTCE_ISA ignored: {exc}", RuntimeWarning, stacklevel=2)
+
+
+def _exp(x):
+    """exp(x) with the kernel's vectorised exp (x <= 0), for accuracy tests."""
+    cdef object a = np.ascontiguousarray(x)
+    if a.dtype != np.float32 and a.dtype != np.float64:
+        raise TypeError("x must be float32 or float64")
+    cdef object y = np.empty_like(a)
+    cdef int64_t n = a.size
+    if a.dtype == np.float32:
+        with nogil:
+            fce_exp_f32(<const float *>cnp.PyArray_DATA(<cnp.ndarray>a), <float *>cnp.PyArray_DATA(<cnp.ndarray>y), n)
+    else:
+        with nogil:
+            fce_exp_f64(<const double *>cnp.PyArray_DATA(<cnp.ndarray>a), <double *>cnp.PyArray_DATA(<cnp.ndarray>y), n)
+    return y
+
+
+# ------------------------------------------------------------------ checks
+
+cdef object _as_logits(logits, str name="logits"):
+    a = logits if type(logits) is np.ndarray else np.asarray(logits)
+    if a.dtype != np.float32 and a.dtype != np.float64:
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {a.dtype}")
+    if a.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension (the classes), got a 0-d array")
+    return a
+
+cdef object _real_array(value, str name, dtype):
+    a = np.asarray(value)
+    if a.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    return a.astype(dtype, copy=False)
+
+cdef tuple _layout(object a, int axis, bint allow_copy):
+    """View `a` as the kernel's (outer, C, inner).
+
+    Returns (base, rows, outer, C, inner, outer_stride, class_stride) with strides
+    in elements, `base` the array whose data pointer the kernel reads. Rows
+    layout (class axis contiguous, the other axes collapsed to one stride) is
+    preferred; then the C-contiguous columns layout. Costs at most one copy;
+    with allow_copy False, returns None where a copy would be needed."""
+    cdef Py_ssize_t isz = a.itemsize
+    shape = a.shape
+    cdef int64_t C = shape[axis]
+    cdef int64_t outer = 1, inner = 1
+    for d in shape[:axis]:
+        outer *= d
+    for d in shape[axis + 1:]:
+        inner *= d
+    if not a.flags.aligned:
+        if not allow_copy:
+            return None
+        a = np.ascontiguousarray(a)
+    if C == 1 or a.strides[axis] == isz:
+        moved = np.moveaxis(a, axis, -1) if axis != a.ndim - 1 else a
+        m = moved.reshape(outer * inner, C)
+        if m.size and not np.may_share_memory(m, a) and not allow_copy:
+            return None
+        if (C == 1 or m.strides[1] == isz) and m.strides[0] % isz == 0:
+            return (m, True, outer * inner, C, 1, m.strides[0] // isz, 1)
+    if not a.flags.c_contiguous:
+        if not allow_copy:
+            return None
+        a = np.ascontiguousarray(a)
+    if inner == 1:
+        return (a.reshape(outer, C), True, outer, C, 1, C, 1)
+    return (a.reshape(outer, C, inner), False, outer, C, inner, C * inner, inner)
+
+cdef object _empty_like_layout(tuple lay, shape, int axis, dtype):
+    """A fresh array of `shape` laid out like `lay` (so the kernel writes it directly)."""
+    if lay[1]:
+        moved_shape = tuple(s for i, s in enumerate(shape) if i != axis) + (shape[axis],)
+        g = np.empty(moved_shape, dtype=dtype)
+        return np.moveaxis(g, -1, axis) if axis != len(shape) - 1 else g
+    return np.empty(shape, dtype=dtype)
+
+cdef void _set_geometry(fce_job *job, tuple lay):
+    job.x = cnp.PyArray_DATA(<cnp.ndarray>lay[0])
+    job.n_outer = lay[2]
+    job.n_classes = lay[3]
+    job.n_inner = lay[4]
+    job.outer_stride = lay[5]
+    job.class_stride = lay[6]
+    job.inner_stride = 1
+
+cdef int _run(fce_job *job, bint f32) except -1:
+    cdef int status
+    with nogil:
+        if f32:
+            status = fce_run_f32(job)
+        else:
+            status = fce_run_f64(job)
+    if status == FCE_ERR_NOMEM:
+        raise MemoryError("fastce: could not allocate scratch memory")
+    if status != FCE_OK and status != FCE_ERR_TARGET:
+        raise RuntimeError(f"fastce: internal error {status} (please report)")
+    return status
+
+
+# ------------------------------------------------------------ cross entropy
+
+cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
+                           grad_output, out, bint want_grad, n_threads):
+    cdef fce_job job
+    cdef object x = _as_logits(logits)
+    dtype = x.dtype
+    cdef bint f32 = dtype == np.float32
+    cdef int ndim = x.ndim
+    cdef int axis = 1 if ndim >= 2 else 0
+    cdef int64_t C = x.shape[axis]
+    if C == 0:
+        raise ValueError("logits must have at least one class (the class axis has length 0)")
+
+    red = _REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
+    if red is None:
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    try:
+        eps = float(label_smoothing)
+    except (TypeError, ValueError):
+        raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}") from None
+    if not (0.0 <= eps <= 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not (-_INT64_MAX - 1 <= ignore_index <= _INT64_MAX):
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+
+    cdef object t = target if type(target) is np.ndarray else np.asarray(target)
+    kind = t.dtype.kind
+    cdef bint prob = False
+    if t.shape == x.shape and kind == "f":
+        prob = True
+    elif kind == "f":
+        raise TypeError(f"class-index targets must be integers, got dtype {t.dtype} with shape "
+                        f"{t.shape} (probability targets must have the logits' shape {x.shape})")
+    elif kind not in "iu":
+        raise TypeError(f"target must be integer class indices or float probabilities, "
+                        f"got dtype {t.dtype}")
+    elif t.shape == x.shape:
+        raise TypeError(f"probability targets (shape {t.shape}, the logits' shape) must be "
+                        f"floating point, got dtype {t.dtype}")
+    if not prob:
+        want = x.shape[:axis] + x.shape[axis + 1:]
+        if t.shape != want:
+            raise ValueError(f"target shape {t.shape} does not match logits shape {x.shape}: "
+                             f"expected class indices of shape {want}")
+    elif ignore_index != -100:
+        raise ValueError("ignore_index is not supported with probability targets "
+                         f"(got ignore_index={ignore_index})")
+
+    cdef object w = None
+    if weight is not None:
+        w = np.ascontiguousarray(_real_array(weight, "weight", dtype))
+        if w.shape != (C,):
+            raise ValueError(f"weight must have shape ({C},) (one per class), got {w.shape}")
+
+    sample_shape = t.shape if not prob else x.shape[:axis] + x.shape[axis + 1:]
+    cdef object go = None
+    cdef double go_scalar = 1.0
+    if want_grad and grad_output is not None:
+        go = _real_array(grad_output, "grad_output", dtype)
+        if red == FCE_REDUCE_NONE:
+            try:
+                go = np.ascontiguousarray(np.broadcast_to(go, sample_shape))
+            except ValueError:
+                raise ValueError(f"grad_output of shape {go.shape} does not match the "
+                                 f"per-sample loss shape {sample_shape}") from None
+        else:
+            if go.size != 1:
+                raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, "
+                                 f"got shape {go.shape}")
+            go_scalar = float(go.reshape(()))
+            go = None
+
+    cdef bint inplace = False
+    cdef object o = None
+    if want_grad and out is not None:
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+        o = out
+        if o.dtype != dtype:
+            raise TypeError(f"out must have the logits' dtype {dtype}, got {o.dtype}")
+        if o.shape != x.shape:
+            raise ValueError(f"out must have the logits' shape {x.shape}, got {o.shape}")
+        if not o.flags.writeable:
+            raise ValueError("out is read-only")
+        inplace = o is x or (o.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+                             and o.strides == x.strides)
+        if inplace:
+            if not (x.flags.c_contiguous and x.flags.aligned):
+                raise ValueError("out=logits (in place) needs C-contiguous logits")
+        else:
+            for other, name in ((x, "logits"), (t, "target"), (w, "weight"), (go, "grad_output")):
+                if other is not None and np.shares_memory(o, other):
+                    raise ValueError(f"out overlaps {name}; pass a separate buffer "
+                                     "(or out=logits itself to compute in place)")
+
+    # layouts: logits first, the others follow its kind
+    lay = _layout(x, axis, True)
+    _set_geometry(&job, lay)
+    cdef bint rows = lay[1]
+
+    cdef object tt = None
+    cdef object pp = None
+    cdef tuple play
+    if prob:
+        pa = t.astype(dtype, copy=False)
+        play = _layout(pa, axis, True)
+        if play[1] != rows:
+            pa = np.ascontiguousarray(pa) if not rows else np.ascontiguousarray(np.moveaxis(pa, axis, -1))
+            if rows:
+                pa = np.moveaxis(pa, -1, axis)
+            play = _layout(pa, axis, True)
+        pp = play[0]
+        job.prob = cnp.PyArray_DATA(<cnp.ndarray>pp)
+        job.prob_outer_stride = play[5]
+        job.prob_class_stride = play[6]
+        job.prob_inner_stride = 1
+        job.target = NULL
+    else:
+        if t.dtype == np.uint64 and t.size and C <= _INT64_MAX:
+            big = t >= np.uint64(C)
+            if big.any():
+                pos = int(np.flatnonzero(big.ravel())[0])
+                _raise_bad_target(int(t.ravel()[pos]), pos, t.shape, C)
+        tt = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+        job.target = <const int64_t *>cnp.PyArray_DATA(<cnp.ndarray>tt)
+        job.prob = NULL
+    job.ignore_index = ignore_index
+    job.weight = cnp.PyArray_DATA(<cnp.ndarray>w) if w is not None else NULL
+    job.label_smoothing = eps
+    job.op = FCE_OP_LOSS
+    job.reduction = red
+    job.n_threads = _threads(n_threads)
+    job.lse_out = NULL
+
+    cdef object loss_out = None
+    if red == FCE_REDUCE_NONE:
+        loss_out = np.empty(sample_shape, dtype=dtype)
+        job.loss_out = cnp.PyArray_DATA(<cnp.ndarray>loss_out)
+    else:
+        job.loss_out = NULL
+
+    cdef object g = None, gtarget = None
+    cdef tuple glay
+    job.grad = NULL
+    job.grad_output = cnp.PyArray_DATA(<cnp.ndarray>go) if go is not None else NULL
+    job.grad_output_scalar = go_scalar
+    if want_grad:
+        glay = None
+        if o is not None:
+            glay = lay if inplace else _layout(o, axis, False)
+            if glay is not None and glay[1] == rows:
+                g = o
+        if g is None:
+            gtarget = o
+            g = _empty_like_layout(lay, x.shape, axis, dtype)
+            glay = _layout(g, axis, False)
+        job.grad = cnp.PyArray_DATA(<cnp.ndarray>glay[0])
+        job.grad_outer_stride = glay[5]
+        job.grad_class_stride = glay[6]
+        job.grad_inner_stride = 1
+
+    if _run(&job, f32) == FCE_ERR_TARGET:
+        _raise_bad_target(job.bad_value, job.bad_position, t.shape, C)
+
+    if red == FCE_REDUCE_NONE:
+        loss = loss_out
+    else:
+        loss = dtype.type(job.loss_reduced)
+    if not want_grad:
+        return loss
+    if gtarget is not None:
+        np.copyto(gtarget, g)
+        g = gtarget
+    return loss, g
+
+cdef _raise_bad_target(value, int64_t pos, shape, int64_t C):
+    where = tuple(int(i) for i in np.unravel_index(pos, shape)) if len(shape) else ()
+    raise IndexError(f"target {value} is out of bounds for {C} classes (at position {where})")
+
+
+def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, n_threads=None):
+    """Softmax cross-entropy loss, as ``torch.nn.functional.cross_entropy``.
+
+    One pass over each sample's logits computes the running max, the
+    log-sum-exp and the target terms (fused, SIMD, OpenMP threads).
+
+    Parameters
+    ----------
+    logits : array_like of float32 or float64, shape (C,), (N, C) or (N, C, d1, ..., dk)
+        Unnormalised scores; the class axis is 1 (0 for a 1-D input). Any
+        memory layout is accepted (a C-contiguous (N, C) array is not copied).
+    target : array_like
+        Class indices of shape (), (N,) or (N, d1, ..., dk), any integer dtype,
+        in [0, C) or equal to ``ignore_index``; or class probabilities with the
+        logits' shape (float; as in torch, equal shapes mean probabilities).
+    weight : array_like, shape (C,), optional
+        Per-class rescaling weights.
+    ignore_index : int, default -100
+        Class-index targets equal to it contribute nothing (not to the mean's
+        denominator either). Not allowed with probability targets.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        ``"mean"`` divides the sum by the summed weights of the non-ignored
+        targets (probability targets: by the number of samples).
+    label_smoothing : float in [0, 1], default 0.0
+        Mixes the target with the uniform distribution, as torch does.
+    n_threads : int, optional
+        Threads to use; default ``FASTCE_NUM_THREADS`` or all cores for
+        large inputs, one for small ones. Results do not depend on it.
+
+    Returns
+    -------
+    numpy scalar or ndarray of the logits' dtype
+        A scalar for "mean"/"sum"; for "none" an array shaped like the
+        index target (or like the logits without the class axis).
+
+    Raises
+    ------
+    TypeError
+        Non-float logits, non-integer/non-float targets, bad option types.
+    ValueError
+        Shape mismatches, 0-d logits, unknown reduction, label_smoothing
+        outside [0, 1], ignore_index with probability targets.
+    IndexError
+        A class index outside [0, C) that is not ``ignore_index``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> logits = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
+    >>> print(fastce.cross_entropy(logits, np.array([0, 1])))
+    0.3185397684574127
+    >>> fastce.cross_entropy(logits, np.array([0, 1]), reduction="none")
+    array([0.41703002, 0.22004952])
+    >>> print(fastce.cross_entropy(logits, np.array([0, -100])))
+    0.4170300162778335
+    """
+    return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
+                          None, None, False, n_threads)
+
+
+def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
+                            reduction="mean", label_smoothing=0.0, grad_output=None,
+                            out=None, n_threads=None):
+    """Cross-entropy loss and its gradient with respect to the logits, fused.
+
+    Each sample's logits are read once for the max / log-sum-exp / target
+    terms, and the gradient ``softmax(x) - target distribution`` (scaled by
+    weights, smoothing and the reduction) is written while they are in cache.
+
+    Parameters
+    ----------
+    logits, target, weight, ignore_index, reduction, label_smoothing, n_threads
+        As in :func:`cross_entropy`.
+    grad_output : array_like, optional
+        The upstream gradient: a scalar for "mean"/"sum" (default 1); for
+        "none" an array shaped like the per-sample loss (default ones), and
+        the gradient returned is that of ``sum(grad_output * loss)``.
+    out : ndarray, optional
+        Where to write the gradient: the logits' shape and dtype, writable,
+        not overlapping any input, or ``logits`` itself (C-contiguous) to
+        compute the gradient in place; the loss is still correct.
+
+    Returns
+    -------
+    loss : numpy scalar or ndarray
+        As :func:`cross_entropy`.
+    grad : ndarray, the logits' shape and dtype
+        d loss / d logits (``out`` when given). Ignored samples get 0.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> logits = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
+    >>> loss, grad = fastce.cross_entropy_with_grad(logits, np.array([0, 1]))
+    >>> print(loss)
+    0.3185397684574127
+    >>> grad
+    array([[-0.17049943,  0.12121649,  0.04928295],
+           [ 0.05430187, -0.09876047,  0.04445861]])
+    """
+    return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
+                          grad_output, out, True, n_threads)
+
+
+# ------------------------------------------------- log-softmax, logsumexp
+
+cdef object _lse_op(logits, axis, int op, n_threads):
+    cdef fce_job job
+    cdef object x = _as_logits(logits)
+    dtype = x.dtype
+    cdef int ndim = x.ndim
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of bounds for an array of dimension {ndim}")
+    cdef int ax = axis % ndim
+    cdef int64_t C = x.shape[ax]
+    out_shape = x.shape[:ax] + x.shape[ax + 1:]
+    if C == 0:
+        if op == FCE_OP_LOGSUMEXP:
+            r = np.full(out_shape, -np.inf, dtype=dtype)
+            return r if ndim > 1 else dtype.type(r)
+        return np.empty(x.shape, dtype=dtype)
+    lay = _layout(x, ax, True)
+    _set_geometry(&job, lay)
+    job.op = op
+    job.reduction = FCE_REDUCE_NONE
+    job.target = NULL
+    job.prob = NULL
+    job.weight = NULL
+    job.loss_out = NULL
+    job.grad_output = NULL
+    job.lse_out = NULL
+    job.grad = NULL
+    job.n_threads = _threads(n_threads)
+    cdef object res
+    cdef tuple glay
+    if op == FCE_OP_LOGSUMEXP:
+        res = np.empty(out_shape, dtype=dtype)
+        job.lse_out = cnp.PyArray_DATA(<cnp.ndarray>res)
+    else:
+        res = _empty_like_layout(lay, x.shape, ax, dtype)
+        glay = _layout(res, ax, False)
+        job.grad = cnp.PyArray_DATA(<cnp.ndarray>glay[0])
+        job.grad_outer_stride = glay[5]
+        job.grad_class_stride = glay[6]
+        job.grad_inner_stride = 1
+    _run(&job, dtype == np.float32)
+    if op == FCE_OP_LOGSUMEXP and ndim == 1:
+        return dtype.type(res[()])
+    return res
+
+
+def log_softmax(logits, axis=-1, *, n_threads=None):
+    """log(softmax(logits)) along ``axis``, computed as ``x - logsumexp(x)``.
+
+    Parameters
+    ----------
+    logits : array_like of float32 or float64, any shape (at least 1-D)
+    axis : int, default -1
+        The class axis.
+    n_threads : int, optional
+        As in :func:`cross_entropy`.
+
+    Returns
+    -------
+    ndarray
+        Same shape and dtype as ``logits``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> fastce.log_softmax(np.array([[1.2, -0.5, 0.8, 2.1]]))
+    array([[-1.46154246, -3.16154246, -1.86154246, -0.56154246]])
+    """
+    return _lse_op(logits, axis, FCE_OP_LOG_SOFTMAX, n_threads)
+
+
+def logsumexp(logits, axis=-1, *, n_threads=None):
+    """log(sum(exp(logits))) along ``axis``, without overflow.
+
+    Parameters
+    ----------
+    logits : array_like of float32 or float64, any shape (at least 1-D)
+    axis : int, default -1
+    n_threads : int, optional
+
+    Returns
+    -------
+    ndarray or numpy scalar
+        ``logits.shape`` without ``axis``, the logits' dtype (a scalar for
+        1-D input). A row of -inf gives -inf; a +inf gives +inf; NaN gives NaN.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> print(fastce.logsumexp(np.array([1000.0, 1000.0])))
+    1000.6931471805599
+    """
+    return _lse_op(logits, axis, FCE_OP_LOGSUMEXP, n_threads)

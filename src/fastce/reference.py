@@ -1,0 +1,434 @@
+"""Pure-NumPy reference implementation of fastce: the slow twin.
+
+This module is the *definition* of what fastce computes.  Every function here
+has the signature, the semantics and the exceptions of its fast counterpart in
+:mod:`fastce`; the tests check that the two agree.  It is written to be read,
+not to be fast: vectorised NumPy, everything computed in float64, results cast
+back to the logits' dtype at the very end (so a float32 result is the float64
+value rounded once).
+
+The computation is the textbook one (the one the seed notebooks do by hand)::
+
+    m        = max_c x[c]                        # shift for stability
+    log_p[c] = (x[c] - m) - log(sum_c exp(x[c] - m))
+    loss     = -log_p[target]                    # "gather"
+
+with PyTorch's options layered on top (``weight``, ``ignore_index``,
+``reduction``, ``label_smoothing``, probability targets), exactly as
+:func:`torch.nn.functional.cross_entropy` defines them:
+
+* class-index targets, per sample ``i`` with ``t = target[i]``::
+
+      nll[i]    = -weight[t] * log_p[i, t]
+      smooth[i] = -sum_c weight[c] * log_p[i, c]      (weight = 1 if None)
+      loss[i]   = (1 - eps) * nll[i] + eps / C * smooth[i]
+
+  samples whose target equals ``ignore_index`` contribute 0 (even if their
+  logits are NaN); ``"mean"`` divides the sum by ``sum_i weight[target[i]]``
+  over the non-ignored samples (nan when that set is empty).
+* probability targets (``target`` has the logits' shape, float dtype)::
+
+      q[i, c]   = (1 - eps) * target[i, c] + eps / C
+      loss[i]   = -sum_c log_p[i, c] * q[i, c] * weight[c]
+
+  and ``"mean"`` divides by the number of samples (nan when there are none).
+  As in PyTorch, a ``-inf`` logit times a zero target is ``nan``.
+
+The class axis is 1, or 0 for 1-D logits.  ``n_threads`` is accepted and
+ignored everywhere.
+"""
+
+import numbers
+import operator
+
+import numpy as np
+from numpy.lib.array_utils import normalize_axis_index
+
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "log_softmax", "logsumexp"]
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+# --------------------------------------------------------------------------
+# Argument normalisation (shared by all four functions)
+# --------------------------------------------------------------------------
+
+def _as_logits(logits):
+    """Return ``logits`` as an ndarray of dtype float32 or float64 (native byte order)."""
+    x = np.asarray(logits)
+    if x.dtype.kind != "f" or x.dtype.itemsize not in (4, 8):
+        raise TypeError(
+            f"logits must have dtype float32 or float64, got {x.dtype}; "
+            "convert them explicitly (e.g. logits.astype(np.float32))"
+        )
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    if x.ndim == 0:
+        raise ValueError("logits must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), got a 0-d array")
+    return x
+
+
+def _as_real(name, value, dtype):
+    """Convert ``weight``/``grad_output`` to ``dtype``; only integer and float dtypes are real numbers."""
+    a = np.asarray(value)
+    if a.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers (an integer or float dtype), got dtype {a.dtype}")
+    return a, a.astype(dtype)
+
+
+def _check_options(reduction, label_smoothing):
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+    if not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(f"label_smoothing must be a real number, got {type(label_smoothing).__name__}")
+    eps = float(label_smoothing)
+    if not 0.0 <= eps <= 1.0:  # also rejects nan
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    return eps
+
+
+def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing):
+    """Validate the cross-entropy arguments and bring them into one canonical form.
+
+    Returns a dict with the original arrays (for overlap checks), the logits in
+    float64 with the class axis moved last (shape ``(*S, C)`` where ``S`` is
+    the sample shape), and either class indices (``index``, ``ignored``) or
+    probabilities (``prob``), all in float64 / intp.
+    """
+    x = _as_logits(logits)
+    dtype = x.dtype
+    class_axis = 0 if x.ndim == 1 else 1
+    C = x.shape[class_axis]
+    sample_shape = x.shape[:class_axis] + x.shape[class_axis + 1:]
+    ignore_index = operator.index(ignore_index)
+    eps = _check_options(reduction, label_smoothing)
+
+    t = np.asarray(target)
+    if t.dtype.kind not in "iuf":
+        raise TypeError(
+            f"target must hold class indices (an integer dtype) or class probabilities "
+            f"(a float dtype), got dtype {t.dtype}"
+        )
+    # As torch decides: a target of the logits' shape holds probabilities.
+    if t.shape == x.shape:
+        if t.dtype.kind != "f":
+            raise TypeError(
+                f"a target of the logits' shape {x.shape} holds class probabilities and must "
+                f"have a float dtype, got {t.dtype}; class indices have shape {sample_shape}"
+            )
+        if ignore_index != -100:
+            raise ValueError(f"ignore_index is not supported with probability targets, got ignore_index={ignore_index}")
+    elif t.dtype.kind == "f":
+        raise TypeError(
+            f"a float target holds class probabilities and must have the logits' shape {x.shape}, "
+            f"got shape {t.shape}; class indices need an integer dtype"
+        )
+    elif t.shape != sample_shape:
+        raise ValueError(
+            f"target of class indices must have shape {sample_shape} for logits of shape {x.shape}, "
+            f"got shape {t.shape}"
+        )
+
+    w0 = w = None
+    if weight is not None:
+        w0, w = _as_real("weight", weight, dtype)
+        if w.shape != (C,):
+            raise ValueError(f"weight must have shape ({C},) (one per class), got shape {w.shape}")
+        w = w.astype(np.float64)
+
+    p = dict(x=x, t=t, w=w0, dtype=dtype, class_axis=class_axis, C=C, sample_shape=sample_shape,
+             xs=np.moveaxis(x, class_axis, -1).astype(np.float64), weight=w, eps=eps,
+             reduction=reduction)
+
+    if t.dtype.kind == "f":
+        p["prob"] = np.moveaxis(t.astype(dtype), class_axis, -1).astype(np.float64)
+        return p
+
+    # Class indices: compare values, never wrapped ones (2**32 + 1 is not 1, a
+    # uint64 >= 2**63 is not negative); NumPy compares Python ints exactly.
+    ignored = t == ignore_index
+    bad = ~ignored & ((t < 0) | (t >= C))
+    if bad.any():
+        pos = tuple(int(i) for i in np.unravel_index(np.flatnonzero(bad)[0], t.shape))
+        raise IndexError(
+            f"target {int(t[pos])} is out of bounds for {C} classes (at position {pos}); "
+            f"expected a class index in [0, {C}) or ignore_index={ignore_index}"
+        )
+    p["ignored"] = ignored
+    p["index"] = np.where(ignored, 0, t).astype(np.intp)
+    return p
+
+
+# --------------------------------------------------------------------------
+# The maths, in float64, class axis last
+# --------------------------------------------------------------------------
+
+def _log_softmax_last(xs):
+    """log_softmax over the last axis: (x - m) - log(sum(exp(x - m))).
+
+    A row with NaN or +inf, or with only -inf, gives NaN everywhere (as torch).
+    """
+    shifted = xs - np.max(xs, axis=-1, keepdims=True, initial=-np.inf)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def _per_sample(p):
+    """Per-sample losses (float64, sample shape) and the "mean" denominator."""
+    logp, eps, C, w = p["logp"], p["eps"], p["C"], p["weight"]
+    if "prob" in p:
+        q = p["prob"]
+        if eps > 0:
+            q = q * (1.0 - eps) + eps / C
+        contrib = logp * q if w is None else logp * q * w
+        return -np.sum(contrib, axis=-1), float(np.prod(p["sample_shape"]))
+
+    idx, ignored = p["index"], p["ignored"]
+    w_t = np.ones(idx.shape) if w is None else w[idx]
+    w_t = np.where(ignored, 0.0, w_t)
+    nll = -np.take_along_axis(logp, idx[..., None], axis=-1)[..., 0]
+    # where, not multiply: an ignored sample is 0 even when its logits are NaN
+    loss = np.where(ignored, 0.0, nll if w is None else w_t * nll)
+    if eps > 0:
+        smooth = -np.sum(logp if w is None else logp * w, axis=-1)
+        smooth = np.where(ignored, 0.0, smooth)
+        loss = (1.0 - eps) * loss + (eps / C) * smooth
+    return loss, np.sum(w_t)
+
+
+def _reduce(loss, denominator, reduction):
+    if reduction == "none":
+        return loss
+    total = np.sum(loss)
+    return total / denominator if reduction == "mean" else total
+
+
+def _finish(value, dtype, reduction):
+    """Cast to the logits' dtype: a NumPy scalar for mean/sum, an ndarray for none."""
+    if reduction == "none":
+        return np.asarray(value).astype(dtype)
+    return dtype.type(value)
+
+
+# --------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------
+
+def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, n_threads=None):
+    """Softmax cross-entropy, exactly as :func:`torch.nn.functional.cross_entropy`.
+
+    Parameters
+    ----------
+    logits : array_like, float32 or float64
+        Shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; the class axis
+        is 1 (0 for 1-D logits).  Any memory layout.
+    target : array_like
+        Either class indices, any integer dtype, of shape ``()`` for ``(C,)``
+        logits and ``(N, d1, ..., dk)`` otherwise; or class probabilities, a
+        float dtype, of exactly the logits' shape (converted to their dtype).
+    weight : array_like of shape (C,), optional
+        Per-class rescaling weights (integers or floats), converted to the
+        logits' dtype.
+    ignore_index : int, default -100
+        Class-index targets equal to this contribute nothing (loss 0, not
+        counted by ``"mean"``).  Must stay -100 with probability targets.
+    reduction : {"mean", "sum", "none"}
+        ``"mean"`` divides by ``sum(weight[target])`` over non-ignored samples
+        (their count without weights), or by the number of samples for
+        probability targets.
+    label_smoothing : float in [0, 1]
+        Mixes the target with the uniform distribution over the C classes.
+    n_threads : ignored
+
+    Returns
+    -------
+    numpy scalar (``"mean"``, ``"sum"``) or ndarray (``"none"``, of the sample
+    shape) of the logits' dtype.  No samples: ``"mean"`` -> nan, ``"sum"`` -> 0.
+
+    Raises
+    ------
+    TypeError
+        Logits not float32/float64; target dtype neither integer nor float;
+        float target whose shape is not the logits' shape, or integer target
+        that has it; weight of a non-real dtype.
+    ValueError
+        0-d logits; target shape not matching the logits; weight not of shape
+        ``(C,)``; unknown reduction; label_smoothing outside [0, 1] or nan;
+        ignore_index other than -100 with probability targets.
+    IndexError
+        A class index outside ``[0, C)`` that is not ``ignore_index``.
+
+    Examples
+    --------
+    >>> logits = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
+    >>> float(cross_entropy(logits, np.array([0, 1])))
+    0.31853976964918573
+    >>> cross_entropy(logits, np.array([0, 1]), reduction="none").round(4)
+    array([0.417, 0.22 ])
+    >>> float(cross_entropy(logits.astype(np.float32), np.array([0, 1])))
+    0.3185397684574127
+    """
+    p = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing)
+    with np.errstate(all="ignore"):
+        p["logp"] = _log_softmax_last(p["xs"])
+        loss, denominator = _per_sample(p)
+        value = _reduce(loss, denominator, reduction)
+    return _finish(value, p["dtype"], reduction)
+
+
+def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
+                            label_smoothing=0.0, grad_output=None, out=None, n_threads=None):
+    """Cross-entropy and its gradient with respect to the logits.
+
+    Takes the arguments of :func:`cross_entropy`, plus:
+
+    grad_output : array_like, optional
+        Real numbers multiplying the loss before differentiation: a scalar
+        (shape ``()``) for ``"mean"``/``"sum"``, an array of the per-sample
+        loss shape for ``"none"``.  Defaults to ones.  The gradient is that of
+        ``sum(grad_output * loss)``.
+    out : ndarray, optional
+        Writable array of the logits' shape and dtype that receives the
+        gradient.  It must not overlap logits, target or weight, unless it
+        *is* ``logits`` (the very same object), which computes in place; the
+        logits must then be writable and C-contiguous.
+
+    Returns
+    -------
+    (loss, grad)
+        ``loss`` as :func:`cross_entropy` returns it; ``grad`` has the logits'
+        shape and dtype (and is ``out`` when given).  Ignored samples get a
+        zero gradient.
+
+    Raises
+    ------
+    As :func:`cross_entropy`, and also TypeError for a grad_output of a
+    non-real dtype or an ``out`` of the wrong dtype (or not an ndarray);
+    ValueError for a grad_output of the wrong shape, or an ``out`` of the
+    wrong shape, read-only, overlapping an input, or ``out=logits`` when the
+    logits are not writable and C-contiguous.
+
+    Examples
+    --------
+    >>> loss, grad = cross_entropy_with_grad(np.array([[0.0, 0.0]]), np.array([1]))
+    >>> float(loss), grad
+    (0.6931471805599453, array([[ 0.5, -0.5]]))
+    """
+    p = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing)
+    x, dtype = p["x"], p["dtype"]
+    loss_shape = p["sample_shape"] if reduction == "none" else ()
+    if grad_output is None:
+        go = np.ones(loss_shape)
+    else:
+        _, go = _as_real("grad_output", grad_output, dtype)
+        if go.shape != loss_shape:
+            raise ValueError(
+                f"grad_output must have shape {loss_shape} (that of the loss for "
+                f"reduction={reduction!r}), got shape {go.shape}"
+            )
+        go = go.astype(np.float64)
+    if out is not None:
+        _check_out(out, logits, p)
+
+    with np.errstate(all="ignore"):
+        logp = p["logp"] = _log_softmax_last(p["xs"])
+        loss, denominator = _per_sample(p)
+        value = _reduce(loss, denominator, reduction)
+        grad = _grad_per_sample(p, np.exp(logp))  # d loss[i] / d x[i, :]
+        scale = go / denominator if reduction == "mean" else go
+        grad = grad * (scale[..., None] if reduction == "none" else scale)
+        if "ignored" in p:  # after scaling: 0 * (1/0) would be nan
+            grad = np.where(p["ignored"][..., None], 0.0, grad)
+
+    grad = np.moveaxis(grad, -1, p["class_axis"])
+    if out is None:
+        out = np.ascontiguousarray(grad.astype(dtype))
+    else:
+        out[...] = grad
+    return _finish(value, dtype, reduction), out
+
+
+def _grad_per_sample(p, prob):
+    """Gradient of each per-sample loss w.r.t. its own row of logits (class axis last).
+
+    With ``prob = softmax(x)``, ``d(-log_p[c]) / dx = prob - onehot(c)``, so
+
+    * indices:       (1 - eps) * w[t] * (prob - onehot(t)) + eps/C * (sum(w) * prob - w)
+    * probabilities: sum_c(w * q) * prob - w * q
+    """
+    eps, C, w = p["eps"], p["C"], p["weight"]
+    if "prob" in p:
+        q = p["prob"]
+        if eps > 0:
+            q = q * (1.0 - eps) + eps / C
+        wq = q if w is None else q * w
+        return np.sum(wq, axis=-1, keepdims=True) * prob - wq
+
+    idx = p["index"]
+    onehot = np.zeros_like(prob)
+    np.put_along_axis(onehot, idx[..., None], 1.0, axis=-1)
+    w_t = 1.0 if w is None else w[idx][..., None]
+    grad = w_t * (prob - onehot)
+    if eps > 0:
+        smooth = C * prob - 1.0 if w is None else np.sum(w) * prob - w
+        grad = (1.0 - eps) * grad + (eps / C) * smooth
+    return grad
+
+
+def _check_out(out, logits, p):
+    x = p["x"]
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out must have the logits' dtype {x.dtype}, got {out.dtype}")
+    if out.shape != x.shape:
+        raise ValueError(f"out must have the logits' shape {x.shape}, got {out.shape}")
+    if out is logits:
+        if not (out.flags.writeable and out.flags.c_contiguous):
+            raise ValueError("out=logits computes in place and needs writable, C-contiguous logits")
+        return
+    if not out.flags.writeable:
+        raise ValueError("out is read-only; it must be a writable array")
+    for name, arr in (("logits", x), ("target", p["t"]), ("weight", p["w"])):
+        if arr is not None and np.shares_memory(out, arr):
+            raise ValueError(f"out overlaps {name}; pass a separate array (or out=logits to compute in place)")
+
+
+def log_softmax(logits, axis=-1, *, n_threads=None):
+    """Logarithm of the softmax along ``axis``: ``x - max - log(sum(exp(x - max)))``.
+
+    Returns an ndarray of the logits' shape and dtype (float32 or float64).
+    As :func:`torch.log_softmax`, a slice containing NaN or +inf, or only
+    -inf, is NaN throughout.  Raises TypeError for other dtypes, ValueError
+    for 0-d input, :class:`numpy.exceptions.AxisError` (a ValueError and an
+    IndexError) for an axis out of range.
+
+    >>> log_softmax(np.array([0.0, 0.0, np.log(2.0)]))
+    array([-1.38629436, -1.38629436, -0.69314718])
+    """
+    x = _as_logits(logits)
+    axis = normalize_axis_index(operator.index(axis), x.ndim)
+    with np.errstate(all="ignore"):
+        logp = _log_softmax_last(np.moveaxis(x, axis, -1).astype(np.float64))
+    return np.ascontiguousarray(np.moveaxis(logp, -1, axis).astype(x.dtype))
+
+
+def logsumexp(logits, axis=-1, *, n_threads=None):
+    """``log(sum(exp(x)))`` along ``axis``, computed as ``m + log(sum(exp(x - m)))``.
+
+    Returns an array of the logits' shape without ``axis`` (a NumPy scalar
+    for 1-D input), of the logits' dtype.  As :func:`torch.logsumexp`: an
+    all ``-inf`` slice gives -inf, a slice with +inf (and no NaN) gives +inf,
+    a slice with NaN gives NaN.  Errors as :func:`log_softmax`.
+
+    >>> float(logsumexp(np.array([1.0, 1.0])))
+    1.6931471805599454
+    """
+    x = _as_logits(logits)
+    axis = normalize_axis_index(operator.index(axis), x.ndim)
+    with np.errstate(all="ignore"):
+        xs = np.moveaxis(x, axis, -1).astype(np.float64)
+        m = np.max(xs, axis=-1, initial=-np.inf)
+        m = np.where(np.isinf(m), 0.0, m)  # keep +-inf from becoming inf - inf = nan
+        lse = m + np.log(np.sum(np.exp(xs - m[..., None]), axis=-1))
+    return x.dtype.type(lse) if x.ndim == 1 else lse.astype(x.dtype)

@@ -1,0 +1,270 @@
+"""PyTorch front end for fastce (CPU tensors only).
+
+This module is imported only when it is used (``import fastce.torch``), so
+PyTorch stays an optional dependency of :mod:`fastce`.  Inside it,
+``import torch`` is an absolute import and therefore loads the real PyTorch,
+not this module.
+
+It provides drop-in replacements for :func:`torch.nn.functional.cross_entropy`
+and :class:`torch.nn.CrossEntropyLoss` that compute the loss (and, when
+needed, the gradient) with fastce's kernels.  Tensors are shared with NumPy
+through ``tensor.detach().numpy()``: contiguous tensors are never copied, and
+non-contiguous ones are handed over as strided views, which fastce reads in
+place.
+
+Design (what happens under autograd)
+------------------------------------
+* If no gradient is needed (grad mode off, or ``input.requires_grad`` false)
+  only :func:`fastce.cross_entropy` runs: no autograd node, no gradient work.
+* Otherwise the gradient is computed *in the forward pass*, fused with the
+  loss in one sweep over the logits (:func:`fastce.cross_entropy_with_grad`,
+  written straight into a fresh torch-owned buffer through ``out=``), the way
+  GPU cross-entropy kernels do it.  The only thing saved for backward is that
+  gradient (plus, for ``reduction="none"`` with class-index targets, a
+  boolean mask of the ignored samples: N bytes).  The logits themselves are
+  not kept alive.
+* ``reduction="mean"``/``"sum"``: the saved gradient is already
+  d(loss)/d(input) (scaled by 1/denominator for ``"mean"``).  Backward
+  multiplies it by the scalar ``grad_output``; when ``grad_output`` is exactly
+  1 (the usual ``loss.backward()``) the saved tensor is returned as is, with
+  no extra pass over memory.
+* ``reduction="none"``: ``grad_output`` (one value per sample) is unknown in
+  the forward pass.  Each per-sample loss depends only on its own row of
+  logits, so the gradient of ``sum(grad_output * loss)`` is row ``i`` of the
+  gradient computed with ``grad_output = ones`` times ``grad_output[i]``.
+  The forward pass therefore computes that per-sample gradient (the fused
+  kernel with its default ones), and backward multiplies it by
+  ``grad_output`` broadcast along the class axis: an elementwise product
+  instead of recomputing the softmax.  Ignored samples have an all-zero
+  gradient row; their ``grad_output`` is zeroed first so that a non-finite
+  ``grad_output`` there still gives 0, as in PyTorch.  (The alternative,
+  keeping the logits and calling ``cross_entropy_with_grad(grad_output=...)``
+  in backward, would hold just as much memory and run the exp/log pass
+  twice.)
+* The backward is once-differentiable (no double backward).  The gradient is
+  that of the inputs as they were at forward time.
+
+Policies
+--------
+* Devices: only CPU tensors are accepted; any other device (``cuda``,
+  ``meta``, ...) raises :class:`RuntimeError` naming the device.  There is no
+  silent fallback to :func:`torch.nn.functional.cross_entropy`.
+* Dtypes: ``input`` must be ``torch.float32`` or ``torch.float64``.
+  ``float16``/``bfloat16`` raise :class:`TypeError` (upcasting would give
+  results that differ from PyTorch's half-precision computation; call
+  ``input.float()`` explicitly if that is what you want).  Class-index targets
+  may have any integer dtype (PyTorch itself wants ``int64`` or ``uint8``).
+* Gradients: only with respect to ``input``.  A ``weight`` that requires grad
+  raises (as PyTorch does) and so does a probability ``target`` that requires
+  grad (PyTorch would differentiate it; fastce does not) -- both as
+  :class:`NotImplementedError`, a subclass of :class:`RuntimeError`, the
+  type PyTorch raises.  Detach them to proceed.
+* Validation of shapes, dtypes and option values is fastce's own; the
+  exception types are those of :func:`fastce.cross_entropy` (see its
+  docstring), which for class indices out of range is :class:`IndexError`
+  like PyTorch's.
+"""
+
+import numpy as np
+import torch
+
+import fastce as _fastce
+
+__all__ = ["cross_entropy", "CrossEntropyLoss"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_cpu(name, t):
+    if t.device.type != "cpu":
+        raise RuntimeError(
+            "fastce.torch supports CPU tensors only, but %s is on device %r; "
+            "move it to the CPU (tensor.cpu()) or use "
+            "torch.nn.functional.cross_entropy for %s tensors"
+            % (name, str(t.device), t.device.type)
+        )
+
+
+def _to_numpy(t):
+    """Share the tensor's memory with NumPy (no copy, any strides)."""
+    # resolve_neg/resolve_conj are no-ops (return self) unless a lazy
+    # negation/conjugation bit is set, which .numpy() refuses.
+    return t.detach().resolve_neg().resolve_conj().numpy()
+
+
+def _validate(input, target, weight):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(
+            "input must be a torch.Tensor, got %s" % type(input).__name__)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(
+            "target must be a torch.Tensor, got %s" % type(target).__name__)
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            "weight must be a torch.Tensor or None, got %s"
+            % type(weight).__name__)
+    _check_cpu("input", input)
+    _check_cpu("target", target)
+    if weight is not None:
+        _check_cpu("weight", weight)
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            "fastce.torch.cross_entropy expects input of dtype torch.float32 "
+            "or torch.float64, got %s%s"
+            % (input.dtype,
+               "; convert explicitly with input.float()"
+               if input.dtype in (torch.float16, torch.bfloat16) else ""))
+    if torch.is_grad_enabled():
+        if weight is not None and weight.requires_grad:
+            raise NotImplementedError(
+                "fastce.torch.cross_entropy is not differentiable with respect "
+                "to weight (neither is PyTorch's); pass weight.detach()")
+        if target.requires_grad:
+            raise NotImplementedError(
+                "fastce.torch.cross_entropy does not compute gradients with "
+                "respect to probability targets; pass target.detach(), or use "
+                "torch.nn.functional.cross_entropy if you need that gradient")
+
+
+def _loss_to_tensor(loss, dtype):
+    # "mean"/"sum": NumPy scalar -> 0-d tensor; "none": ndarray -> tensor
+    # sharing its memory (fastce returns a fresh array).
+    a = np.asarray(loss, dtype=np.float32 if dtype == torch.float32
+                   else np.float64)
+    if not (a.flags.writeable and a.flags.c_contiguous):
+        a = np.array(a, order="C")   # keeps ndim (0-d stays 0-d)
+    return torch.from_numpy(a)
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    """Autograd node: fused loss+gradient forward, cheap scaling backward."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction,
+                label_smoothing):
+        x = _to_numpy(input)
+        t = _to_numpy(target)
+        w = None if weight is None else _to_numpy(weight)
+        # Torch-owned, C-contiguous buffer that receives the gradient.
+        grad = torch.empty(input.shape, dtype=input.dtype)
+        loss, _ = _fastce.cross_entropy_with_grad(
+            x, t, weight=w, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, out=grad.numpy())
+        ctx.reduction = reduction
+        ctx.class_dim = 0 if input.dim() == 1 else 1
+        if reduction == "none" and not target.is_floating_point():
+            # Mask of ignored samples, shaped like the per-sample loss
+            # (compared in NumPy: no overflow for unsigned targets).
+            ctx.save_for_backward(
+                grad, torch.from_numpy(np.asarray(t == ignore_index)))
+        else:
+            ctx.save_for_backward(grad, None)
+        return _loss_to_tensor(loss, input.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grad, ignored = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        if ctx.reduction != "none":
+            # Scalar grad_output.  Returning the saved tensor itself is safe:
+            # autograd only steals it for .grad once the graph has released
+            # it (otherwise it copies).
+            if grad_output.item() == 1.0:
+                g = grad
+            else:
+                g = grad * grad_output
+        else:
+            go = grad_output
+            if ignored is not None:
+                go = go.masked_fill(ignored, 0)
+            if ctx.class_dim == 1:
+                go = go.unsqueeze(1)
+            g = grad * go
+        return g, None, None, None, None, None
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100,
+                  reduction="mean", label_smoothing=0.0):
+    """Softmax cross-entropy of CPU tensors, like ``torch.nn.functional.cross_entropy``.
+
+    Same arguments and result as :func:`torch.nn.functional.cross_entropy`
+    (without the deprecated ``size_average``/``reduce``), computed by fastce.
+    ``input`` is ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``, float32 or
+    float64; ``target`` holds class indices (shape ``()``, ``(N,)`` or
+    ``(N, d1, ..., dk)``) or class probabilities (``input``'s shape).
+    Returns a tensor of ``input``'s dtype: 0-d for ``"mean"``/``"sum"``, one
+    value per sample for ``"none"``.  Differentiable with respect to
+    ``input`` only; the gradient is computed in the forward pass, fused with
+    the loss (see the module docstring).  CPU tensors only (others raise
+    ``RuntimeError``); float16/bfloat16 raise ``TypeError``.
+
+    Example
+    -------
+    >>> import torch, fastce.torch
+    >>> logits = torch.tensor([[1.2, 0.5, -1.0], [0.3, 1.8, -0.5]],
+    ...                       requires_grad=True)
+    >>> labels = torch.tensor([0, 1])
+    >>> loss = fastce.torch.cross_entropy(logits, labels)
+    >>> round(loss.item(), 4)
+    0.3774
+    >>> loss.backward()
+    >>> torch.allclose(logits.grad, torch.autograd.grad(
+    ...     torch.nn.functional.cross_entropy(logits, labels), logits)[0])
+    True
+    """
+    _validate(input, target, weight)
+    if torch.is_grad_enabled() and input.requires_grad:
+        return _CrossEntropyFunction.apply(
+            input, target, weight, ignore_index, reduction, label_smoothing)
+    loss = _fastce.cross_entropy(
+        _to_numpy(input), _to_numpy(target),
+        weight=None if weight is None else _to_numpy(weight),
+        ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing)
+    return _loss_to_tensor(loss, input.dtype)
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Drop-in replacement for :class:`torch.nn.CrossEntropyLoss` (CPU).
+
+    Same constructor as :class:`torch.nn.CrossEntropyLoss`:
+    ``CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100,
+    reduce=None, reduction="mean", label_smoothing=0.0)``.  The deprecated
+    ``size_average``/``reduce`` are turned into ``reduction`` exactly as
+    PyTorch does (``torch.nn._reduction.legacy_get_string``, with its
+    warning).  ``weight`` is registered as a buffer (so it follows
+    ``state_dict()`` and ``.to()``).  ``forward(input, target)`` calls
+    :func:`fastce.torch.cross_entropy`.
+
+    Example
+    -------
+    >>> import torch, fastce.torch
+    >>> criterion = fastce.torch.CrossEntropyLoss()
+    >>> logits = torch.tensor([[1.2, 0.5, -1.0], [0.3, 1.8, -0.5]])
+    >>> round(criterion(logits, torch.tensor([0, 1])).item(), 4)
+    0.3774
+    """
+
+    __constants__ = ["ignore_index", "reduction", "label_smoothing"]
+
+    def __init__(self, weight=None, size_average=None, ignore_index=-100,
+                 reduce=None, reduction="mean", label_smoothing=0.0):
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            from torch.nn import _reduction
+            reduction = _reduction.legacy_get_string(size_average, reduce)
+        self.reduction = reduction
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input, target):
+        return cross_entropy(
+            input, target, weight=self.weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+    def extra_repr(self):
+        return "reduction=%r, ignore_index=%r, label_smoothing=%r" % (
+            self.reduction, self.ignore_index, self.label_smoothing)

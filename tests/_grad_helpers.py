@@ -1,0 +1,145 @@
+"""Shared helpers for test_grad.py and test_torch_module.py.
+
+Truth = PyTorch autograd in float64 on the same (exactly upcast) inputs.
+
+Tolerances (`rtol_for`)
+-----------------------
+Let u be the unit roundoff of the dtype under test (2**-24 for float32,
+2**-53 for float64), C the number of classes and
+L = max|logit| + log(C) + 1, a bound on |logit - logsumexp| over the row
+(the arguments of exp and of the loss, for finite logits).
+
+* logsumexp: the sum of C positive terms carries a relative error of about
+  sqrt(C)*u for sequential accumulation (random-walk rounding; blocked or
+  SIMD partial sums do better), and the final log/max add ~u*L absolute.
+* p_c = exp(x_c - lse): an absolute error d in the argument becomes a
+  relative error d in p_c, so rel.err(p_c) ~ u*(L + sqrt(C) + a few ulp of exp).
+* loss_i = lse - x_y (or its weighted/smoothed sums): absolute error
+  ~ u*(L + sqrt(C)) * weight.
+
+Hence rtol = 16*u*(L + sqrt(C) + 4): a 16x margin over that estimate
+(two implementations, torch's float64 rounding included, and the
+reduction's own summation).  For float32 and C=5, |x|<=8 this is ~1.5e-5;
+for float64 ~3e-14.  Gradients are compared with
+rtol and atol = rtol * max|true grad| (entries like p_y - 1 that cancel are
+only accurate relative to the row's scale, not to themselves; the dedicated
+p_y ~ 1 test checks the stronger property).  Losses use atol = rtol * L *
+(sum of the |weights| the reduction applies), see `loss_atol`.
+"""
+
+import math
+
+import numpy as np
+
+torch = None
+try:  # torch is optional for fastce; tests that need it importorskip it.
+    import torch  # noqa: F811
+except ImportError:  # pragma: no cover
+    pass
+
+
+def unit_roundoff(dtype):
+    return float(np.finfo(dtype).eps) / 2
+
+
+def logit_bound(logits, C):
+    x = np.asarray(logits, dtype=np.float64)
+    finite = x[np.isfinite(x)]
+    m = float(np.abs(finite).max()) if finite.size else 0.0
+    return m + math.log(max(C, 1)) + 1.0
+
+
+def rtol_for(dtype, C, L):
+    return 16 * unit_roundoff(dtype) * (L + math.sqrt(C) + 4)
+
+
+def class_axis(logits):
+    return 0 if np.ndim(logits) == 1 else 1
+
+
+def num_classes(logits):
+    return np.shape(logits)[class_axis(logits)]
+
+
+def torch_truth(logits, target, weight=None, ignore_index=-100,
+                reduction="mean", label_smoothing=0.0, grad_output=None):
+    """Loss and d/d(logits) by torch autograd in float64.
+
+    The inputs are first brought to the logits dtype exactly as fastce
+    does (probability targets, weight) and then upcast exactly to float64.
+    For reduction "none" the gradient is that of sum(grad_output * loss),
+    grad_output defaulting to ones.  Returns (loss ndarray, grad ndarray),
+    both float64.
+    """
+    x_np = np.asarray(logits)
+    dt = x_np.dtype
+    x = torch.tensor(np.array(x_np, dtype=np.float64), requires_grad=True)
+    t_np = np.asarray(target)
+    if t_np.shape == x_np.shape:          # probability targets
+        t = torch.tensor(np.array(t_np, dtype=dt).astype(np.float64))
+    else:
+        t = torch.tensor(np.array(t_np, dtype=np.int64))
+    w = None
+    if weight is not None:
+        w = torch.tensor(np.array(weight, dtype=dt).astype(np.float64))
+    loss = torch.nn.functional.cross_entropy(
+        x, t, weight=w, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing)
+    if reduction == "none" and grad_output is not None:
+        go = torch.tensor(np.array(grad_output, dtype=np.float64))
+    else:
+        go = torch.ones_like(loss)
+    (g,) = torch.autograd.grad(loss, x, go)
+    return loss.detach().numpy(), g.numpy()
+
+
+def loss_atol(rtol, L, logits, target, weight, reduction, ignore_index=-100):
+    """Absolute loss tolerance: rtol * L * (total weight the reduction uses)."""
+    x = np.asarray(logits)
+    C = num_classes(x)
+    wmax = 1.0 if weight is None else max(1.0, float(np.abs(weight).max()))
+    n = x.size // C if C else 0
+    if reduction == "sum":
+        return rtol * L * wmax * max(n, 1)
+    if reduction == "mean":
+        if weight is not None and np.shape(target) != x.shape:
+            # mean = sum_i w_i l_i / sum_i w_i: error <= max_i err(l_i)
+            # scaled by wmax/wmin.
+            wmin = float(np.abs(weight).min())
+            return rtol * L * wmax / max(wmin, 1e-300)
+        return rtol * L * wmax
+    return rtol * L * wmax
+
+
+def assert_loss_close(got, truth, rtol, atol):
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), truth,
+                               rtol=rtol, atol=atol, equal_nan=True)
+
+
+def assert_grad_close(got, truth, rtol):
+    truth = np.asarray(truth)
+    scale = float(np.abs(truth[np.isfinite(truth)]).max()) if truth.size else 0.0
+    np.testing.assert_allclose(np.asarray(got, dtype=np.float64), truth,
+                               rtol=rtol, atol=rtol * scale + 1e-300,
+                               equal_nan=True)
+
+
+def make_case(rng, shape, dtype, *, ignore=None, ignore_index=-100,
+              prob=False, scale=3.0):
+    """Random logits of `shape` (class axis 1, or 0 for 1-D) and a target.
+
+    ignore: fraction of index targets set to ignore_index.
+    """
+    x = (rng.standard_normal(shape) * scale).astype(dtype)
+    cax = 0 if len(shape) == 1 else 1
+    C = shape[cax]
+    if prob:
+        t = rng.random(shape)
+        t = t / t.sum(axis=cax, keepdims=True)
+        return x, t.astype(dtype)
+    bshape = shape[:cax] + shape[cax + 1:]
+    t = rng.integers(0, max(C, 1), size=bshape).astype(np.int64)
+    if ignore:
+        mask = rng.random(bshape) < ignore
+        t = np.where(mask, ignore_index, t)
+    return x, np.asarray(t, dtype=np.int64)
