@@ -212,6 +212,55 @@ class Progress:
 
 
 # --------------------------------------------------------------------------------------
+# noise from other processes
+# --------------------------------------------------------------------------------------
+
+
+def _busy_cpu_seconds() -> Optional[float]:
+    """CPU-seconds all CPUs spent busy since boot (from /proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    v = [int(x) for x in fields[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    busy = sum(v[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How busy *other* processes kept the CPUs while we ran (a noise indicator).
+
+    ``stop()`` returns the 1-minute load average at start and the CPU time used by other
+    processes (all-CPU busy time from /proc/stat minus this process's own CPU time) as a % of
+    ``wall time x usable cores``. Anything above a few % makes multi-threaded results shaky:
+    a kernel using every core waits for its slowest thread.
+    """
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.busy0 = _busy_cpu_seconds()
+        t = os.times()
+        self.own0 = t.user + t.system
+        self.load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    def stop(self) -> Dict[str, Any]:
+        wall = time.perf_counter() - self.t0
+        t = os.times()
+        own = t.user + t.system - self.own0
+        busy1 = _busy_cpu_seconds()
+        out: Dict[str, Any] = {"loadavg_1min_at_start": self.load0, "wall_s": wall,
+                               "own_cpu_s": own, "other_cpu_pct": None}
+        if self.busy0 is not None and busy1 is not None and wall > 0:
+            other = max(busy1 - self.busy0 - own, 0.0)
+            out["other_cpu_pct"] = 100.0 * other / (wall * usable_cores())
+        return out
+
+
+# --------------------------------------------------------------------------------------
 # machine / environment description
 # --------------------------------------------------------------------------------------
 

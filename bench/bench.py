@@ -37,6 +37,10 @@ repetition, so machine noise hits all of them alike. One timing sample is enough
 calls to last ``--min-time`` seconds (many calls for tiny shapes, one for big ones); a result is
 the median over repetitions of the per-call time. Fresh results are freed as they come, so
 allocating the gradient (and its page faults) is part of the cost where a contender allocates.
+On virtual machines that hand freed memory back to the host (e.g. virtio-balloon free page
+reporting), touching a fresh large array can cost ~1 ms per MB, far more than on bare metal;
+"fastce out=" shows the cost without that allocation. The run also reports how much CPU other
+processes used meanwhile: multi-threaded results are only trustworthy on an idle machine.
 
 Before the cases, the machine's memory read bandwidth is measured for each T: a float32 array of
 ``--bw-mib`` MiB (default 1 GiB, above the last-level cache) is read by ``numpy.sum`` and
@@ -305,15 +309,11 @@ def disagreement(a: Tuple[float, Any], b: Tuple[float, Any], dtype: np.dtype) ->
 
 @dataclass
 class Plan:
-    dtypes: List[np.dtype]
-    shapes: List[Tuple[int, ...]]
-    threads: List[int]
     contenders: List[Contender]
     repeat: int
     min_time: float
     slow_max_bytes: Optional[int]
-    seed: int
-    notes: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)  # failures met while running
 
     def members(self, case_bytes: int, nt: int) -> Tuple[List[Contender], List[str]]:
         """Contenders that run in the (case, nt) group, and the reasons for those that don't."""
@@ -459,13 +459,14 @@ def plot(rows: List[Dict[str, Any]], bandwidth: Dict[int, Dict[str, Any]], path:
     if not rows:
         return
     threads = sorted({r["threads"] for r in rows})
-    # one hue per contender; light = fewer threads, dark = more
+    # one hue per contender (tab20 pairs: blue, cyan, orange, green, purple); light = 1 thread,
+    # dark = the most threads
     cmap = plt.get_cmap("tab20")
-    hue = {n: i for i, n in enumerate(CONTENDER_NAMES)}
+    hue = dict(zip(CONTENDER_NAMES, (0, 9, 1, 2, 4)))
 
     def color(name: str, nt: int) -> Any:
         dark = threads.index(nt) == len(threads) - 1 and len(threads) > 1
-        return cmap((2 * hue[name]) % 20 + (0 if dark else 1))
+        return cmap(2 * hue.get(name, 7) + (0 if dark else 1))
 
     fig, axes = plt.subplots(len(dtypes), len(passes), squeeze=False,
                              figsize=(7.5 * len(passes), 4.2 * len(dtypes)))
@@ -475,7 +476,7 @@ def plot(rows: List[Dict[str, Any]], bandwidth: Dict[int, Dict[str, Any]], path:
             rs = [r for r in rows if r["dtype"] == dt and r["pass"] == p]
             shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rs))
             series = sorted({(r["contender"], r["threads"]) for r in rs},
-                            key=lambda s: (hue[s[0]], s[1]))
+                            key=lambda s: (CONTENDER_NAMES.index(s[0]), s[1]))
             width = 0.85 / max(len(series), 1)
             for k, (name, nt) in enumerate(series):
                 xs, ys = [], []
@@ -500,10 +501,19 @@ def plot(rows: List[Dict[str, Any]], bandwidth: Dict[int, Dict[str, Any]], path:
             ax.set_title(f"{p}, {dt}")
             ax.grid(axis="y", alpha=0.3)
             ax.set_axisbelow(True)
-            if i == 0 and j == len(passes) - 1:
-                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    legend: Dict[str, Any] = {}  # one legend for all panels (scipy is fwd-only, etc.)
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+
+    def legend_key(lab: str) -> Tuple[int, str]:
+        name = lab.rsplit(" ", 1)[0]
+        return (CONTENDER_NAMES.index(name) + 1 if name in CONTENDER_NAMES else 0, lab)
+
+    labs = sorted(legend, key=legend_key)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.legend([legend[k] for k in labs], labs, fontsize=8, loc="center right")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -658,8 +668,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if m.matplotlib is None:
         notes.append("matplotlib missing: no plot")
 
-    plan = Plan(args.dtype, args.shapes, args.threads, contenders, args.repeat, args.min_time,
-                None if args.slow_max_mib is None else int(args.slow_max_mib * 2**20), args.seed)
+    plan = Plan(contenders, args.repeat, args.min_time,
+                None if args.slow_max_mib is None else int(args.slow_max_mib * 2**20))
 
     info = _util.machine_info(m)
     print(f"fastce {info['versions']['fastce']}  ISA {info.get('fastce_isa')}  |  "
@@ -680,6 +690,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress = _util.Progress(total, enabled=not args.no_progress)
 
     original_threads = m.torch.get_num_threads() if m.torch is not None else None
+    load = _util.OtherLoad()
+    if load.load0 is not None and load.load0 > 0.5:
+        print(f"warning: 1-minute load average is {load.load0:.2f} before starting: other "
+              "processes are busy, expect noisy (especially multi-threaded) numbers",
+              file=sys.stderr)
     rows: List[Dict[str, Any]] = []
     bandwidth: Dict[int, Dict[str, Any]] = {}
     try:
@@ -705,7 +720,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if original_threads is not None:
             m.torch.set_num_threads(original_threads)
 
+    noise = load.stop()
     notes.extend(plan.notes)
+    if noise["other_cpu_pct"] is not None and noise["other_cpu_pct"] > 5:
+        notes.append(f"other processes used {noise['other_cpu_pct']:.0f}% of the CPU time "
+                     "during the run: numbers (multi-threaded ones most) are noisy; rerun on "
+                     "an idle machine")
     add_derived(rows, bandwidth)
     elapsed = time.perf_counter() - t_start
 
@@ -723,7 +743,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\nnotes:")
         for n in notes:
             print("  - " + n)
-    print(f"\ntotal time {elapsed:.1f} s")
+    other = noise["other_cpu_pct"]
+    print(f"\ntotal time {elapsed:.1f} s"
+          + (f"; CPU used by other processes meanwhile: {other:.1f}% of "
+             f"{_util.usable_cores()} cores" if other is not None else ""))
 
     cmdline = " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv)
     if args.json.lower() != "none":
@@ -740,6 +763,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "contenders": sorted({c.name for c in contenders})},
             "machine": info,
             "read_bandwidth": {str(k): v for k, v in bandwidth.items()},
+            "noise": noise,
             "results": rows,
             "notes": notes,
         }

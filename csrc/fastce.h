@@ -11,7 +11,7 @@
  * per-sample loss, grad_output, log-sum-exp output) is contiguous in that order.
  * Two layouts are supported by the kernels:
  *   rows:    n_inner == 1 and class_stride == 1     ((N, C) with any row stride)
- *   columns: inner_stride == 1 and class_stride >= n_inner  ((N, C, D) K-dim input)
+ *   columns: inner_stride == 1, n_classes <= 1024  ((N, C, D) K-dim input)
  * The binding brings any other layout to one of these with at most one copy.
  */
 #ifndef FASTCE_H

@@ -69,6 +69,9 @@ typedef int64_t TI;
 typedef T V __attribute__((vector_size(VB)));
 typedef TI VI __attribute__((vector_size(VB)));
 #define L ((int64_t)(VB / sizeof(T)))
+/* L lanes of double: the dot products sum(q (k - x)) are accumulated in double
+ * (their terms reach |k - x| ~ 100 for confident rows) */
+typedef double VD __attribute__((vector_size(VB / sizeof(T) * sizeof(double))));
 /* Rows are processed in blocks of BLK elements (8 KiB): pass 1 brings a block
  * into L1, pass 2 reads it from there. */
 #define BLK ((int64_t)(8192 / sizeof(T)))
@@ -122,12 +125,16 @@ static inline T hmax(V v)
     for (int64_t i = 1; i < L; i++) r = v[i] > r ? v[i] : r;
     return r;
 }
-static inline double hsum(V v)
-{
-    double r = 0.0;
-    for (int64_t i = 0; i < L; i++) r += (double)v[i];
-    return r;
-}
+/* macros, not functions: VD may be wider than the ISA's registers, and passing
+ * it by value would be an ABI matter (-Wpsabi) */
+#define widen(v) __builtin_convertvector((v), VD)
+#define HSUMD(v, out)                                          \
+    do {                                                       \
+        double hsum_r_ = 0.0;                                  \
+        for (int64_t hsum_i_ = 0; hsum_i_ < L; hsum_i_++)      \
+            hsum_r_ += (v)[hsum_i_];                           \
+        (out) = hsum_r_;                                       \
+    } while (0)
 
 /* exp(x) for x <= 0 (and NaN). Range reduction x = n ln2 + r, |r| <= ln2/2,
  * with n rounded by the 1.5*2^mant trick; exp(r) by a polynomial; 2^n built in
@@ -197,6 +204,12 @@ typedef struct {
     T pa, pb;            /* q from probabilities: (pa p + pb) (* w) */
     double a0, b;        /* a = a0 * w_y; b as in the header comment */
     double gscale;       /* upstream gradient for sum/mean, / total for mean */
+    /* the work plan */
+    int64_t per_item, seg, nseg, tiles;
+    double *partials;    /* one loss sum per work item */
+    fce_state *states;   /* long rows: one state per segment */
+    struct sample *smps; /* long rows: one finished sample per row */
+    double *mass;        /* long rows: softmax mass written per segment, target left out */
 } ctx;
 
 /* the coefficients q for classes [c, c+n) of a row, as a vector from lane 0 */
@@ -234,32 +247,41 @@ FCE_INLINE void block_stats(const T *x, int64_t n, int qmode, const T *w, const 
     T k = mb == -INFINITY ? 0 : mb;
     V vk = splat(k);
 
-    V s0 = splat(0), s1 = s0, d0 = s0, q0 = s0;
+    /* float partial sums over runs of CHUNK vectors per lane, folded into
+     * double: the float error stays that of a 16-term sum for any L */
+    enum { CHUNK = 16 };
+    VD sd = widen(splat(0)), dd = sd, qd = sd;
     i = 0;
-    for (; i + 2 * L <= n; i += 2 * L) {
-        V xa = loadu(x + i), xb = loadu(x + i + L);
-        s0 += vexp(xa - vk);
-        s1 += vexp(xb - vk);
-        if (qmode != Q_NONE) {
-            V qa = qload(qmode, w + i, p + i, L, pa, pb);
-            V qb = qload(qmode, w + i + L, p + i + L, L, pa, pb);
-            d0 += qa * (vk - xa) + qb * (vk - xb);
-            q0 += qa + qb;
+    while (i + 2 * L <= n) {
+        int64_t end = i + CHUNK * 2 * L < n ? i + CHUNK * 2 * L : n;
+        V s0 = splat(0), s1 = s0, q0 = s0;
+        for (; i + 2 * L <= end; i += 2 * L) {
+            V xa = loadu(x + i), xb = loadu(x + i + L);
+            s0 += vexp(xa - vk);
+            s1 += vexp(xb - vk);
+            if (qmode != Q_NONE) {
+                V qa = qload(qmode, w + i, p + i, L, pa, pb);
+                V qb = qload(qmode, w + i + L, p + i + L, L, pa, pb);
+                dd += widen(qa * (vk - xa)) + widen(qb * (vk - xb));
+                q0 += qa + qb;
+            }
         }
+        sd += widen(s0 + s1);
+        if (qmode != Q_NONE) qd += widen(q0);
     }
     for (; i < n; i += L) {
         V xa = loadn(x + i, n - i, -INFINITY);
-        s0 += vexp(xa - vk);
+        sd += widen(vexp(xa - vk));
         if (qmode != Q_NONE) {
             V qa = qload(qmode, w + i, p + i, n - i, pa, pb);
-            d0 += qa * (vk - loadn(x + i, n - i, k));
-            q0 += qa;
+            dd += widen(qa * (vk - loadn(x + i, n - i, k)));
+            qd += widen(qa);
         }
     }
     st->m = (double)mb;
-    st->s = hsum(s0 + s1);
-    st->d = qmode != Q_NONE ? hsum(d0) : 0.0;
-    st->q = qmode != Q_NONE ? hsum(q0) : 0.0;
+    HSUMD(sd, st->s);
+    HSUMD(dd, st->d);
+    HSUMD(qd, st->q);
 }
 
 /* The state of n contiguous classes, block by block, merged in order. */
@@ -288,59 +310,88 @@ static void range_stats_any(const ctx *cx, const T *x, int64_t n, const T *w, co
     }
 }
 
-/* out[c] = c1 exp((x_c - k) - ls) - c2 q_c  (gradient), or (x_c - k) - ls (log-softmax) */
-FCE_INLINE void write_range(const T *x, T *out, int64_t n, int qmode, int log_softmax,
+/* out[c] = c1 exp((x_c - k) - ls) - c2 q_c  (gradient), or (x_c - k) - ls (log-softmax).
+ * Returns sum_c exp((x_c - k) - ls): the softmax mass written. */
+FCE_INLINE double write_run(const T *x, T *out, int64_t n, int qmode, int log_softmax,
                             const T *w, const T *p, T pa, T pb, T k, T ls, T c1, T c2)
 {
-    V vk = splat(k), vls = splat(ls), vc1 = splat(c1), vc2 = splat(c2);
+    V vk = splat(k), vls = splat(ls), vc1 = splat(c1), vc2 = splat(c2), mass = splat(0);
     for (int64_t i = 0; i < n; i += L) {
         int64_t r = n - i;
-        V z = (loadn(x + i, r, 0) - vk) - vls;
+        V z = (loadn(x + i, r, -INFINITY) - vk) - vls;
         V o;
         if (log_softmax) {
             o = z;
         } else {
-            o = vc1 * vexp(z);
+            V e = vexp(z);
+            mass += e;
+            o = vc1 * e;
             if (qmode != Q_NONE) o -= vc2 * qload(qmode, w + i, p + i, r, pa, pb);
         }
         storen(out + i, o, r);
     }
+    double total = 0.0;
+    if (!log_softmax) HSUMD(widen(mass), total);
+    return total;
 }
 
-static void write_range_any(const ctx *cx, const T *x, T *out, int64_t n, const T *w,
-                            const T *p, T k, T ls, T c1, T c2)
+/* The same over [0, n) without element `skip` (when 0 <= skip < n): the target's
+ * output is written apart, and the mass of the others gives 1 - p_y exactly. */
+FCE_INLINE double write_range(const T *x, T *out, int64_t n, int64_t skip, int qmode,
+                              int log_softmax, const T *w, const T *p, T pa, T pb, T k, T ls,
+                              T c1, T c2)
 {
-    if (cx->op == FCE_OP_LOG_SOFTMAX) {
-        write_range(x, out, n, Q_NONE, 1, w, p, cx->pa, cx->pb, k, ls, c1, c2);
-        return;
-    }
+    if (skip < 0 || skip >= n)
+        return write_run(x, out, n, qmode, log_softmax, w, p, pa, pb, k, ls, c1, c2);
+    double m = write_run(x, out, skip, qmode, log_softmax, w, p, pa, pb, k, ls, c1, c2);
+    int64_t o = skip + 1;
+    return m + write_run(x + o, out + o, n - o, qmode, log_softmax, w ? w + o : w,
+                         p ? p + o : p, pa, pb, k, ls, c1, c2);
+}
+
+static double write_range_any(const ctx *cx, const T *x, T *out, int64_t n, int64_t skip,
+                              const T *w, const T *p, T k, T ls, T c1, T c2)
+{
+    if (cx->op == FCE_OP_LOG_SOFTMAX)
+        return write_range(x, out, n, -1, Q_NONE, 1, w, p, cx->pa, cx->pb, k, ls, c1, c2);
     switch (cx->qmode) {
-    case Q_ONE: write_range(x, out, n, Q_ONE, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2); break;
-    case Q_W: write_range(x, out, n, Q_W, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2); break;
-    case Q_P: write_range(x, out, n, Q_P, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2); break;
-    case Q_PW: write_range(x, out, n, Q_PW, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2); break;
-    default: write_range(x, out, n, Q_NONE, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2); break;
+    case Q_ONE: return write_range(x, out, n, skip, Q_ONE, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+    case Q_W: return write_range(x, out, n, skip, Q_W, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+    case Q_P: return write_range(x, out, n, skip, Q_P, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+    case Q_PW: return write_range(x, out, n, skip, Q_PW, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+    default: return write_range(x, out, n, skip, Q_NONE, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2);
     }
 }
 
 /* ------------------------------------------------- per-sample finishing */
 
 /* Everything a sample needs after its state is known. */
-typedef struct {
+typedef struct sample {
     int ignored;
     int64_t y;
     double xy, a, k, ls, gs;   /* gs: the upstream gradient scale of this sample */
 } sample;
 
-/* Loss of sample number s with state st (and fills in smp for the write pass). */
-static double finish_sample(const ctx *cx, int64_t s, const fce_state *st, sample *smp)
+/* 1 if any of the n logits at x[0], x[stride], ... is NaN */
+static int any_nan(const T *x, int64_t stride, int64_t n)
+{
+    for (int64_t c = 0; c < n; c++)
+        if (x[c * stride] != x[c * stride]) return 1;
+    return 0;
+}
+
+/* Loss of sample number s with state st (and fills in smp for the write pass).
+ * x, stride: the sample's logits (looked at only in the rare +inf case). */
+static double finish_sample(const ctx *cx, int64_t s, const fce_state *st, sample *smp,
+                            const T *x, int64_t stride)
 {
     const fce_job *job = cx->job;
     smp->k = fce_shift(st->m);
     smp->ls = log(st->s);
     if (cx->op == FCE_OP_LOGSUMEXP) {
-        /* +inf logit: the sum is inf, not the NaN of inf - inf */
-        double lse = st->m == INFINITY ? INFINITY : smp->k + smp->ls;
+        /* a +inf logit: the sum is inf (not the NaN of inf - inf), unless a NaN is there */
+        double lse = smp->k + smp->ls;
+        if (st->m == INFINITY) lse = any_nan(x, stride, cx->C) ? NAN : INFINITY;
         ((T *)job->lse_out)[s] = (T)lse;
         return 0.0;
     }
@@ -380,15 +431,19 @@ static int sample_target(const ctx *cx, int64_t s, sample *smp)
     return 1;
 }
 
-/* The exact gradient of the target class, in double:
- * gs (a (p_y - 1) + b (q p_y - q_y)), p_y - 1 = expm1(x_y - lse). */
-static T target_grad(const ctx *cx, const sample *smp, double qsum)
+/* The gradient of the target class, in double:
+ *   gs (a (p_y - 1) + b (q p_y - q_y)).
+ * p_y - 1 cancels when p_y ~ 1: there it is -(the softmax mass of the other
+ * classes), summed while the other gradients were written; else expm1(z). */
+static T target_grad(const ctx *cx, const sample *smp, double qsum, double others)
 {
     double z = (smp->xy - smp->k) - smp->ls;
-    double g = smp->a * expm1(z);
+    double py = exp(z);
+    double pym1 = py > 0.5 ? -others : expm1(z);
+    double g = smp->a * pym1;
     if (cx->qmode != Q_NONE) {
         double qy = cx->w ? (double)cx->w[smp->y] : 1.0;
-        g += cx->b * (qsum * exp(z) - qy);
+        g += cx->b * (qsum * pym1 + (qsum - qy));
     }
     return (T)(smp->gs * g);
 }
@@ -410,11 +465,13 @@ static double row_one(const ctx *cx, int64_t r)
     if (cx->has_y) smp.xy = (double)x[smp.y];
     fce_state st;
     range_stats_any(cx, x, cx->C, cx->w, p, &st);
-    double loss = finish_sample(cx, r, &st, &smp);
+    double loss = finish_sample(cx, r, &st, &smp, x, 1);
     if (g) {
         double c1 = smp.gs * (smp.a + cx->b * st.q), c2 = smp.gs * cx->b;
-        write_range_any(cx, x, g, cx->C, cx->w, p, (T)smp.k, (T)smp.ls, (T)c1, (T)c2);
-        if (cx->has_y && cx->op == FCE_OP_LOSS) g[smp.y] = target_grad(cx, &smp, st.q);
+        int target = cx->has_y && cx->op == FCE_OP_LOSS;
+        double others = write_range_any(cx, x, g, cx->C, target ? smp.y : -1, cx->w, p,
+                                        (T)smp.k, (T)smp.ls, (T)c1, (T)c2);
+        if (target) g[smp.y] = target_grad(cx, &smp, st.q, others);
     }
     return loss;
 }
@@ -445,8 +502,9 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
     for (int64_t j = 0; j < G; j++) S[j] = D[j] = Q[j] = 0.0;
     for (int64_t c0 = 0; c0 < C; c0 += CH) {
         int64_t c1 = c0 + CH < C ? c0 + CH : C;
-        V s[4], d[4], q[4];
-        for (int v = 0; v < 4; v++) s[v] = d[v] = q[v] = splat(0);
+        V s[4], q[4];
+        VD d[4];
+        for (int v = 0; v < 4; v++) s[v] = q[v] = splat(0), d[v] = widen(s[v]);
         for (int64_t c = c0; c < c1; c++) {
             V qc = splat(0);
             if (qmode == Q_ONE) qc = splat(1);
@@ -460,7 +518,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
                         qv = loadn(p + c * pcs + v * L, J - v * L, 0) * cx->pa + cx->pb;
                         if (qmode == Q_PW) qv *= cx->w[c];
                     }
-                    d[v] += qv * (k[v] - xv);
+                    d[v] += widen(qv * (k[v] - xv));
                     q[v] += qv;
                 }
             }
@@ -468,7 +526,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
         for (int v = 0; v < 4; v++)
             for (int64_t i = 0; i < L; i++) {
                 S[v * L + i] += (double)s[v][i];
-                D[v * L + i] += (double)d[v][i];
+                D[v * L + i] += d[v][i];
                 Q[v * L + i] += (double)q[v][i];
             }
     }
@@ -484,7 +542,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
         Kt[j] = LSt[j] = C1[j] = C2[j] = 0;
         if (!sample_target(cx, s0 + j, &smp[j])) continue;
         if (cx->has_y) smp[j].xy = (double)x[smp[j].y * cs + j];
-        total += finish_sample(cx, s0 + j, &st, &smp[j]);
+        total += finish_sample(cx, s0 + j, &st, &smp[j], x + j, cs);
         keep[j] = -1;
         Kt[j] = (T)smp[j].k;
         LSt[j] = (T)smp[j].ls;
@@ -497,7 +555,11 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
 
     /* write pass: gradient or log-softmax, zero for ignored positions */
     const int log_softmax = cx->op == FCE_OP_LOG_SOFTMAX;
+    TI ys[G]; /* each position's target class (-1: none), to leave out of its mass */
     for (int64_t j = J; j < G; j++) keep[j] = 0, Kt[j] = LSt[j] = C1[j] = C2[j] = 0;
+    for (int64_t j = 0; j < G; j++) ys[j] = (j < J && keep[j] && cx->has_y) ? (TI)smp[j].y : -1;
+    V mass[4];
+    for (int v = 0; v < 4; v++) mass[v] = splat(0);
     for (int64_t c = 0; c < C; c++) {
         V qc = splat(0);
         if (qmode == Q_ONE) qc = splat(1);
@@ -510,7 +572,11 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
             if (log_softmax) {
                 o = z;
             } else {
-                o = loadu(C1 + v * L) * vexp(z);
+                V e = vexp(z);
+                VI yv;
+                memcpy(&yv, ys + v * L, sizeof yv);
+                mass[v] += (V)((VI)e & ~(yv == (TI)c));
+                o = loadu(C1 + v * L) * e;
                 if (qmode != Q_NONE) {
                     V qv = qc;
                     if (qmode == Q_P || qmode == Q_PW) {
@@ -527,7 +593,8 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
     }
     if (cx->has_y && !log_softmax)
         for (int64_t j = 0; j < J; j++)
-            if (keep[j]) out[smp[j].y * ocs + j] = target_grad(cx, &smp[j], Q[j]);
+            if (keep[j])
+                out[smp[j].y * ocs + j] = target_grad(cx, &smp[j], Q[j], (double)mass[j / L][j % L]);
     return total;
 }
 
@@ -559,7 +626,95 @@ static double rows_small_c(const ctx *cx, int64_t r0, int64_t r1)
     return total;
 }
 
+
 /* ------------------------------------------------------------ drivers */
+
+typedef void (*item_fn)(const ctx *cx, int64_t it);
+
+/* Run fn on items 0..n-1; results go to per-item slots, so the order of
+ * completion (and the thread count) never changes a result. */
+static void for_items(int nt, int64_t n, item_fn fn, const ctx *cx)
+{
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+        for (int64_t it = 0; it < n; it++) fn(cx, it);
+        return;
+    }
+#else
+    (void)nt;
+#endif
+    for (int64_t it = 0; it < n; it++) fn(cx, it);
+}
+
+/* rows layout, C <= SEG: rows [it*per_item, ...) */
+static void item_rows(const ctx *cx, int64_t it)
+{
+    int64_t N = cx->job->n_outer;
+    int64_t r0 = it * cx->per_item, r1 = r0 + cx->per_item < N ? r0 + cx->per_item : N;
+    double acc = 0.0;
+    if (cx->C <= FCE_SMALL_C) {
+        acc = rows_small_c(cx, r0, r1);
+    } else {
+        for (int64_t r = r0; r < r1; r++) acc += row_one(cx, r);
+    }
+    cx->partials[it] = acc;
+}
+
+/* rows layout, C > SEG: the state of segment it % nseg of row it / nseg */
+static void item_segment_stats(const ctx *cx, int64_t it)
+{
+    const fce_job *job = cx->job;
+    int64_t r = it / cx->nseg, c0 = (it % cx->nseg) * cx->seg;
+    int64_t len = cx->C - c0 < cx->seg ? cx->C - c0 : cx->seg;
+    if (cx->has_y && job->target[r] == job->ignore_index) {
+        cx->states[it] = (fce_state){-INFINITY, 0.0, 0.0, 0.0};
+        return;
+    }
+    range_stats_any(cx, cx->x + r * job->outer_stride + c0, len, cx->w ? cx->w + c0 : NULL,
+                    cx->p ? cx->p + r * job->prob_outer_stride + c0 : NULL, &cx->states[it]);
+}
+
+/* rows layout, C > SEG: write the output of one segment */
+static void item_segment_write(const ctx *cx, int64_t it)
+{
+    const fce_job *job = cx->job;
+    int64_t r = it / cx->nseg, c0 = (it % cx->nseg) * cx->seg;
+    int64_t len = cx->C - c0 < cx->seg ? cx->C - c0 : cx->seg;
+    const sample *smp = &cx->smps[r];
+    T *out = cx->g + r * job->grad_outer_stride + c0;
+    cx->mass[it] = 0.0;
+    if (smp->ignored) {
+        memset(out, 0, (size_t)len * sizeof(T));
+        return;
+    }
+    double q = cx->states[r * cx->nseg].q;
+    double c1 = smp->gs * (smp->a + cx->b * q), c2 = smp->gs * cx->b;
+    int64_t skip = cx->has_y && cx->op == FCE_OP_LOSS ? smp->y - c0 : -1;
+    cx->mass[it] = write_range_any(cx, cx->x + r * job->outer_stride + c0, out, len, skip,
+                    cx->w ? cx->w + c0 : NULL,
+                    cx->p ? cx->p + r * job->prob_outer_stride + c0 : NULL, (T)smp->k,
+                    (T)smp->ls, (T)c1, (T)c2);
+}
+
+/* columns layout: positions [j0, j1) of outer index n */
+static void item_cols(const ctx *cx, int64_t it)
+{
+    const fce_job *job = cx->job;
+    int64_t D = job->n_inner;
+    int64_t n = it / cx->tiles, j0 = (it % cx->tiles) * cx->per_item;
+    int64_t j1 = j0 + cx->per_item < D ? j0 + cx->per_item : D;
+    double acc = 0.0;
+    for (int64_t j = j0; j < j1; j += G) {
+        int64_t J = j1 - j < G ? j1 - j : G;
+        const T *xg = cx->x + n * job->outer_stride + j;
+        const T *pg = cx->p ? cx->p + n * job->prob_outer_stride + j : NULL;
+        T *og = cx->g ? cx->g + n * job->grad_outer_stride + j : NULL;
+        acc += cols_group(cx, xg, job->class_stride, pg, job->prob_class_stride, og,
+                          job->grad_class_stride, J, n * D + j);
+    }
+    cx->partials[it] = acc;
+}
 
 /* Check the targets of samples [s0, s1): the first bad one is reported
  * (position, value) and 0 returned; *wsum gets the weight of the kept ones. */
@@ -625,6 +780,7 @@ int EXPORT(fce_run)(fce_job *job)
     const int rows = D == 1 && job->class_stride == 1;
     const int cols = !rows && job->inner_stride == 1;
     if (!rows && !cols) return FCE_ERR_ARG;
+    if (cols && C > FCE_COLS_MAX_C) return FCE_ERR_ARG;
     if (cx.p && rows && job->prob_class_stride != 1) return FCE_ERR_ARG;
     if (cx.p && cols && job->prob_inner_stride != 1) return FCE_ERR_ARG;
     if (cx.g && rows && job->grad_class_stride != 1) return FCE_ERR_ARG;
@@ -646,133 +802,79 @@ int EXPORT(fce_run)(fce_job *job)
         return FCE_OK;
     }
 
-    /* Work items: rows of whole rows, row segments, or (outer, position tile). */
-    int64_t seg = rows && C > SEG ? SEG : C;        /* classes per work piece */
-    int64_t nseg = (C + seg - 1) / seg;
-    int64_t per_item, n_items;
-    if (rows && nseg == 1) {
-        per_item = FCE_ITEM_ELEMS / C;
-        if (C <= FCE_SMALL_C) per_item = (per_item + G - 1) / G * G;
-        if (per_item < 1) per_item = 1;
-        n_items = (N + per_item - 1) / per_item;
+    /* Work items: runs of whole rows, row segments, or (outer, position tile). */
+    cx.seg = rows && C > SEG ? SEG : C;
+    cx.nseg = (C + cx.seg - 1) / cx.seg;
+    int64_t n_items;
+    item_fn fn;
+    if (rows && cx.nseg == 1) {
+        cx.per_item = FCE_ITEM_ELEMS / C;
+        if (C <= FCE_SMALL_C) cx.per_item = (cx.per_item + G - 1) / G * G;
+        if (cx.per_item < 1) cx.per_item = 1;
+        n_items = (N + cx.per_item - 1) / cx.per_item;
+        fn = item_rows;
     } else if (rows) {
-        per_item = 1;
-        n_items = N * nseg;
+        n_items = N * cx.nseg;
+        fn = item_segment_stats;
     } else {
-        per_item = FCE_ITEM_ELEMS / C;
-        per_item = per_item < G ? G : per_item / G * G;
-        n_items = N * ((D + per_item - 1) / per_item);
+        cx.per_item = FCE_ITEM_ELEMS / C;
+        cx.per_item = cx.per_item < G ? G : cx.per_item / G * G;
+        cx.tiles = (D + cx.per_item - 1) / cx.per_item;
+        n_items = N * cx.tiles;
+        fn = item_cols;
     }
     int nt = fce_pick_threads(job->n_threads, N * C * D, n_items);
-    (void)nt; /* unused without OpenMP */
 
     double stack_partials[64];
-    double *partials = n_items <= 64 ? stack_partials : malloc((size_t)n_items * sizeof(double));
-    fce_state *states = NULL;
-    sample *smps = NULL;
-    if (rows && nseg > 1) {
-        states = malloc((size_t)n_items * sizeof(fce_state));
-        smps = malloc((size_t)N * sizeof(sample));
+    cx.partials = n_items <= 64 ? stack_partials : malloc((size_t)n_items * sizeof(double));
+    if (fn == item_segment_stats) {
+        cx.states = malloc((size_t)n_items * sizeof(fce_state));
+        cx.smps = malloc((size_t)N * sizeof(sample));
+        cx.mass = malloc((size_t)n_items * sizeof(double));
     }
-    if (!partials || (rows && nseg > 1 && (!states || !smps))) {
-        if (partials != stack_partials) free(partials);
-        free(states);
-        free(smps);
-        return FCE_ERR_NOMEM;
+    int status = FCE_OK;
+    if (!cx.partials || (fn == item_segment_stats && (!cx.states || !cx.smps || !cx.mass))) {
+        status = FCE_ERR_NOMEM;
+        goto done;
     }
 
-    if (rows && nseg == 1) {
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-#endif
-        for (int64_t it = 0; it < n_items; it++) {
-            int64_t r0 = it * per_item, r1 = r0 + per_item < N ? r0 + per_item : N;
-            double acc = 0.0;
-            if (C <= FCE_SMALL_C) {
-                acc = rows_small_c(&cx, r0, r1);
-            } else {
-                for (int64_t r = r0; r < r1; r++) acc += row_one(&cx, r);
-            }
-            partials[it] = acc;
-        }
-    } else if (rows) {
-        /* long rows: segment states in parallel, merged per row in order */
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-#endif
-        for (int64_t it = 0; it < n_items; it++) {
-            int64_t r = it / nseg, c0 = (it % nseg) * seg;
-            int64_t len = C - c0 < seg ? C - c0 : seg;
-            const T *xr = cx.x + r * job->outer_stride + c0;
-            const T *pr = cx.p ? cx.p + r * job->prob_outer_stride + c0 : NULL;
-            range_stats_any(&cx, xr, len, cx.w ? cx.w + c0 : NULL, pr, &states[it]);
-        }
+    for_items(nt, n_items, fn, &cx);
+    if (fn == item_segment_stats) {
+        /* merge each row's segment states in order; finish the row */
         for (int64_t r = 0; r < N; r++) {
-            sample *smp = &smps[r];
-            fce_state st = states[r * nseg];
-            for (int64_t i = 1; i < nseg; i++) fce_state_merge(&st, &states[r * nseg + i]);
-            states[r * nseg] = st;
+            sample *smp = &cx.smps[r];
+            fce_state *st = &cx.states[r * cx.nseg];
+            for (int64_t i = 1; i < cx.nseg; i++) fce_state_merge(st, &st[i]);
+            cx.partials[r * cx.nseg] = 0.0;
             if (!sample_target(&cx, r, smp)) continue;
             if (cx.has_y) smp->xy = (double)cx.x[r * job->outer_stride + smp->y];
-            job->loss_reduced += finish_sample(&cx, r, &st, smp);
+            cx.partials[r * cx.nseg] =
+                finish_sample(&cx, r, st, smp, cx.x + r * job->outer_stride, 1);
         }
         if (cx.want_out) {
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-#endif
-            for (int64_t it = 0; it < n_items; it++) {
-                int64_t r = it / nseg, c0 = (it % nseg) * seg;
-                int64_t len = C - c0 < seg ? C - c0 : seg;
-                const sample *smp = &smps[r];
-                T *gr = cx.g + r * job->grad_outer_stride;
-                if (smp->ignored) {
-                    memset(gr + c0, 0, (size_t)len * sizeof(T));
-                    continue;
-                }
-                double q = states[r * nseg].q;
-                double c1 = smp->gs * (smp->a + cx.b * q), c2 = smp->gs * cx.b;
-                write_range_any(&cx, cx.x + r * job->outer_stride + c0, gr + c0, len,
-                                cx.w ? cx.w + c0 : NULL,
-                                cx.p ? cx.p + r * job->prob_outer_stride + c0 : NULL,
-                                (T)smp->k, (T)smp->ls, (T)c1, (T)c2);
-            }
+            for_items(nt, n_items, item_segment_write, &cx);
             /* after every segment is written (out may alias x) */
-            if (cx.has_y && cx.op == FCE_OP_LOSS)
-                for (int64_t r = 0; r < N; r++)
-                    if (!smps[r].ignored)
-                        cx.g[r * job->grad_outer_stride + smps[r].y] =
-                            target_grad(&cx, &smps[r], states[r * nseg].q);
-        }
-        n_items = 0; /* the sum is already in loss_reduced */
-    } else {
-        int64_t tiles = (D + per_item - 1) / per_item;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-#endif
-        for (int64_t it = 0; it < n_items; it++) {
-            int64_t n = it / tiles, j0 = (it % tiles) * per_item;
-            int64_t j1 = j0 + per_item < D ? j0 + per_item : D;
-            double acc = 0.0;
-            for (int64_t j = j0; j < j1; j += G) {
-                int64_t J = j1 - j < G ? j1 - j : G;
-                const T *xg = cx.x + n * job->outer_stride + j;
-                const T *pg = cx.p ? cx.p + n * job->prob_outer_stride + j : NULL;
-                T *og = cx.g ? cx.g + n * job->grad_outer_stride + j : NULL;
-                acc += cols_group(&cx, xg, job->class_stride, pg, job->prob_class_stride, og,
-                                  job->grad_class_stride, J, n * D + j);
+            for (int64_t r = 0; r < N && cx.has_y && cx.op == FCE_OP_LOSS; r++) {
+                if (cx.smps[r].ignored) continue;
+                double others = 0.0;
+                for (int64_t i = 0; i < cx.nseg; i++) others += cx.mass[r * cx.nseg + i];
+                cx.g[r * job->grad_outer_stride + cx.smps[r].y] =
+                    target_grad(&cx, &cx.smps[r], cx.states[r * cx.nseg].q, others);
             }
-            partials[it] = acc;
         }
     }
 
-    double total = job->loss_reduced;
-    for (int64_t it = 0; it < n_items; it++) total += partials[it];
+    double total = 0.0;
+    for (int64_t it = 0; it < n_items; it += fn == item_segment_stats ? cx.nseg : 1)
+        total += cx.partials[it];
     job->loss_reduced = job->reduction == FCE_REDUCE_MEAN ? total / job->weight_total : total;
 
-    if (partials != stack_partials) free(partials);
-    free(states);
-    free(smps);
-    return FCE_OK;
+done:
+    if (cx.partials != stack_partials) free(cx.partials);
+    free(cx.states);
+    free(cx.smps);
+    free(cx.mass);
+    return status;
 }
 
 void EXPORT(fce_exp)(const T *x, T *y, int64_t n)

@@ -126,9 +126,14 @@ def layouts(a):
     """The same values as ``a`` in other memory layouts: (name, array) pairs.
 
     Fortran order, a strided view (every other element of a bigger buffer),
-    negative strides on every axis, and a read-only copy.
+    negative strides on every axis, and a read-only copy.  A 0-d array only gets
+    the read-only copy.
     """
     a = np.asarray(a)
+    readonly = a.copy()
+    readonly.flags.writeable = False
+    if a.ndim == 0:
+        return [("readonly", readonly)]
     full = (slice(None),) * a.ndim
     every_other = (slice(None, None, 2),) * a.ndim
     backwards = (slice(None, None, -1),) * a.ndim
@@ -136,8 +141,6 @@ def layouts(a):
     big[every_other] = a
     strided = big[every_other]
     negative = np.ascontiguousarray(a[backwards])[backwards]
-    readonly = a.copy()
-    readonly.flags.writeable = False
     out = [("fortran", np.asfortranarray(a)), ("strided", strided), ("negative", negative),
            ("readonly", readonly)]
     for name, v in out:

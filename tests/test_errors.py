@@ -205,7 +205,8 @@ def _readonly(a):
 GRAD_TYPE_ERRORS = [
     ("grad_output_complex", lambda: ((_logits(), _target()), dict(reduction="none", grad_output=np.ones(N, complex)))),
     ("grad_output_str", lambda: ((_logits(), _target()), dict(reduction="none", grad_output=np.array(["1"] * N)))),
-    ("grad_output_object", lambda: ((_logits(), _target()), dict(reduction="none", grad_output=np.ones(N).astype(object)))),
+    ("grad_output_object", lambda: ((_logits(), _target()),
+                                    dict(reduction="none", grad_output=np.ones(N).astype(object)))),
     ("grad_output_complex_scalar", lambda: ((_logits(), _target()), dict(grad_output=1j))),
     ("out_float32_for_float64", lambda: ((_logits(), _target()), dict(out=np.zeros((N, C), np.float32)))),
     ("out_float64_for_float32", lambda: ((_logits(dtype=np.float32), _target()), dict(out=np.zeros((N, C))))),

@@ -79,6 +79,7 @@ cdef enum:
 
 _REDUCTIONS = {"none": FCE_REDUCE_NONE, "sum": FCE_REDUCE_SUM, "mean": FCE_REDUCE_MEAN}
 _INT64_MAX = 2 ** 63 - 1
+_COLS_MAX_C = 1024  # FCE_COLS_MAX_C in csrc/fastce_internal.h
 
 
 # ------------------------------------------------------------------ threads
@@ -218,10 +219,17 @@ cdef tuple _layout(object a, int axis, bint allow_copy):
     if C == 1 or a.strides[axis] == isz:
         moved = np.moveaxis(a, axis, -1) if axis != a.ndim - 1 else a
         m = moved.reshape(outer * inner, C)
-        if m.size and not np.may_share_memory(m, a) and not allow_copy:
+        if not allow_copy and m.size and not np.may_share_memory(m, a):
             return None
         if (C == 1 or m.strides[1] == isz) and m.strides[0] % isz == 0:
             return (m, True, outer * inner, C, 1, m.strides[0] // isz, 1)
+    if inner > 1 and C > _COLS_MAX_C:
+        # many classes: a transposing copy to the rows layout beats a column tile
+        # that no longer fits in cache
+        if not allow_copy:
+            return None
+        moved = np.ascontiguousarray(np.moveaxis(a, axis, -1))
+        return _layout(np.moveaxis(moved, -1, axis), axis, False)
     if not a.flags.c_contiguous:
         if not allow_copy:
             return None
@@ -278,10 +286,10 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
     red = _REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
     if red is None:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    try:
-        eps = float(label_smoothing)
-    except (TypeError, ValueError):
-        raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}") from None
+    if isinstance(label_smoothing, (bool, str, bytes)) or not isinstance(
+            label_smoothing, (int, float, np.integer, np.floating)):
+        raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}")
+    eps = float(label_smoothing)
     if not (0.0 <= eps <= 1.0):
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
@@ -384,6 +392,8 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
     else:
         if t.dtype == np.uint64 and t.size and C <= _INT64_MAX:
             big = t >= np.uint64(C)
+            if 0 <= ignore_index <= 2 ** 64 - 1:
+                big &= t != np.uint64(ignore_index)
             if big.any():
                 pos = int(np.flatnonzero(big.ravel())[0])
                 _raise_bad_target(int(t.ravel()[pos]), pos, t.shape, C)

@@ -100,7 +100,11 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing):
     class_axis = 0 if x.ndim == 1 else 1
     C = x.shape[class_axis]
     sample_shape = x.shape[:class_axis] + x.shape[class_axis + 1:]
+    if isinstance(ignore_index, bool):
+        raise TypeError("ignore_index must be an int, got a bool")
     ignore_index = operator.index(ignore_index)
+    if not -2**63 <= ignore_index < 2**63:  # torch's ignore_index is an int64
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     eps = _check_options(reduction, label_smoothing)
 
     t = np.asarray(target)
@@ -172,9 +176,9 @@ def _log_softmax_last(xs):
     return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
-def _per_sample(p):
+def _per_sample(p, logp):
     """Per-sample losses (float64, sample shape) and the "mean" denominator."""
-    logp, eps, C, w = p["logp"], p["eps"], p["C"], p["weight"]
+    eps, C, w = p["eps"], p["C"], p["weight"]
     if "prob" in p:
         q = p["prob"]
         if eps > 0:
@@ -250,11 +254,12 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     TypeError
         Logits not float32/float64; target dtype neither integer nor float;
         float target whose shape is not the logits' shape, or integer target
-        that has it; weight of a non-real dtype.
+        that has it; weight of a non-real dtype; ignore_index not an int.
     ValueError
         0-d logits; target shape not matching the logits; weight not of shape
         ``(C,)``; unknown reduction; label_smoothing outside [0, 1] or nan;
-        ignore_index other than -100 with probability targets.
+        ignore_index outside int64 (torch's type for it), or other than -100
+        with probability targets.
     IndexError
         A class index outside ``[0, C)`` that is not ``ignore_index``.
 
@@ -270,8 +275,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     """
     p = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing)
     with np.errstate(all="ignore"):
-        p["logp"] = _log_softmax_last(p["xs"])
-        loss, denominator = _per_sample(p)
+        loss, denominator = _per_sample(p, _log_softmax_last(p["xs"]))
         value = _reduce(loss, denominator, reduction)
     return _finish(value, p["dtype"], reduction)
 
@@ -283,15 +287,16 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
     Takes the arguments of :func:`cross_entropy`, plus:
 
     grad_output : array_like, optional
-        Real numbers multiplying the loss before differentiation: a scalar
-        (shape ``()``) for ``"mean"``/``"sum"``, an array of the per-sample
-        loss shape for ``"none"``.  Defaults to ones.  The gradient is that of
-        ``sum(grad_output * loss)``.
+        Real numbers multiplying the loss before differentiation: one value
+        (size 1) for ``"mean"``/``"sum"``; for ``"none"`` an array that
+        broadcasts to the per-sample loss shape.  Defaults to ones.  The
+        gradient is that of ``sum(grad_output * loss)``.
     out : ndarray, optional
         Writable array of the logits' shape and dtype that receives the
-        gradient.  It must not overlap logits, target or weight, unless it
-        *is* ``logits`` (the very same object), which computes in place; the
-        logits must then be writable and C-contiguous.
+        gradient.  It must not overlap logits, target, weight or grad_output,
+        unless it *is* ``logits`` (the same object, or a view of the very same
+        elements), which computes in place; the logits must then be writable
+        and C-contiguous.
 
     Returns
     -------
@@ -315,24 +320,29 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
     (0.6931471805599453, array([[ 0.5, -0.5]]))
     """
     p = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing)
-    x, dtype = p["x"], p["dtype"]
+    dtype = p["dtype"]
     loss_shape = p["sample_shape"] if reduction == "none" else ()
+    go0 = None
     if grad_output is None:
         go = np.ones(loss_shape)
     else:
-        _, go = _as_real("grad_output", grad_output, dtype)
-        if go.shape != loss_shape:
+        go0, go = _as_real("grad_output", grad_output, dtype)
+        try:
+            if reduction != "none" and go.size != 1:
+                raise ValueError
+            go = np.broadcast_to(go.reshape(()) if reduction != "none" else go, loss_shape)
+        except ValueError:
             raise ValueError(
-                f"grad_output must have shape {loss_shape} (that of the loss for "
+                f"grad_output must broadcast to shape {loss_shape} (that of the loss for "
                 f"reduction={reduction!r}), got shape {go.shape}"
-            )
+            ) from None
         go = go.astype(np.float64)
     if out is not None:
-        _check_out(out, logits, p)
+        _check_out(out, logits, go0, p)
 
     with np.errstate(all="ignore"):
-        logp = p["logp"] = _log_softmax_last(p["xs"])
-        loss, denominator = _per_sample(p)
+        logp = _log_softmax_last(p["xs"])
+        loss, denominator = _per_sample(p, logp)
         value = _reduce(loss, denominator, reduction)
         grad = _grad_per_sample(p, np.exp(logp))  # d loss[i] / d x[i, :]
         scale = go / denominator if reduction == "mean" else go
@@ -375,7 +385,7 @@ def _grad_per_sample(p, prob):
     return grad
 
 
-def _check_out(out, logits, p):
+def _check_out(out, logits, grad_output, p):
     x = p["x"]
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
@@ -383,13 +393,16 @@ def _check_out(out, logits, p):
         raise TypeError(f"out must have the logits' dtype {x.dtype}, got {out.dtype}")
     if out.shape != x.shape:
         raise ValueError(f"out must have the logits' shape {x.shape}, got {out.shape}")
-    if out is logits:
-        if not (out.flags.writeable and out.flags.c_contiguous):
-            raise ValueError("out=logits computes in place and needs writable, C-contiguous logits")
-        return
     if not out.flags.writeable:
         raise ValueError("out is read-only; it must be a writable array")
-    for name, arr in (("logits", x), ("target", p["t"]), ("weight", p["w"])):
+    # "out is logits": the same object, or a view of exactly the same elements
+    same = out is logits or (out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+                             and out.strides == x.strides)
+    if same:
+        if not out.flags.c_contiguous:
+            raise ValueError("out=logits computes in place and needs writable, C-contiguous logits")
+        return
+    for name, arr in (("logits", x), ("target", p["t"]), ("weight", p["w"]), ("grad_output", grad_output)):
         if arr is not None and np.shares_memory(out, arr):
             raise ValueError(f"out overlaps {name}; pass a separate array (or out=logits to compute in place)")
 
