@@ -778,6 +778,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  f"{info['versions']['torch']}: cross-entropy, reduction=mean, median of "
                  f"{args.repeat}; {info['cpu_model']}, {info['usable_cores']} cores"
                  f"\n(higher is better; tiny shapes such as 2x3 are per-call overhead: see table)")
+        if noise["other_cpu_pct"] is not None and noise["other_cpu_pct"] > 5:
+            title += (f"\nNOISY: other processes used {noise['other_cpu_pct']:.0f}% of the CPU "
+                      "time during the run")
         plot(rows, bandwidth, args.plot, title)
         print(f"wrote {args.plot}")
     return 1 if mismatches else 0

@@ -47,6 +47,7 @@ static inline void fce_state_merge(fce_state *a, const fce_state *b)
 #define FCE_ITEM_ELEMS 32768      /* logits per work item (rows path) */
 #define FCE_SEG_BYTES (512 * 1024) /* longer rows are split into segments */
 #define FCE_SMALL_C 32            /* C <= this: transpose tiles, vectorise across rows */
+#define FCE_STREAM_BYTES (8 << 20) /* outputs this large bypass the caches */
 #define FCE_COLS_MAX_C 1024       /* the columns layout keeps a C x 4-vector tile in cache */
 
 /* One kernel variant per (dtype, instruction set). */

@@ -20,6 +20,7 @@
  * and its gradient d loss / d x_c = (a + b q) softmax_c - a [c == y] - b q_c,
  * where the target class uses expm1 in double: softmax_y - 1 cancels when p_y ~ 1.
  */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "fastce_internal.h"
@@ -72,9 +73,9 @@ typedef TI VI __attribute__((vector_size(VB)));
 /* L lanes of double: the dot products sum(q (k - x)) are accumulated in double
  * (their terms reach |k - x| ~ 100 for confident rows) */
 typedef double VD __attribute__((vector_size(VB / sizeof(T) * sizeof(double))));
-/* Rows are processed in blocks of BLK elements (8 KiB): pass 1 brings a block
+/* Rows are processed in blocks of BLK elements (4 KiB): pass 1 brings a block
  * into L1, pass 2 reads it from there. */
-#define BLK ((int64_t)(8192 / sizeof(T)))
+#define BLK ((int64_t)(4096 / sizeof(T)))
 #define SEG ((int64_t)(FCE_SEG_BYTES / sizeof(T)))
 /* software prefetch distance, bytes ahead of pass 1 */
 #define PF_BYTES 2048
@@ -136,6 +137,43 @@ static inline T hmax(V v)
         (out) = hsum_r_;                                       \
     } while (0)
 
+/* log(s) for L doubles at once (s >= 0, inf, NaN): the columns path takes one
+ * per position, too many for a scalar log. s = 2^e m, m in [sqrt(1/2), sqrt(2)),
+ * log m = 2 atanh(u), u = (m-1)/(m+1), |u| <= 0.1716: the odd series to u^21
+ * leaves a truncation below 2e-18 relative; ln2 split in hi + lo (fdlibm). */
+typedef int64_t VL __attribute__((vector_size(VB / sizeof(T) * sizeof(double))));
+/* in place over L doubles (a pointer, not a VD by value: VD may be wider than
+ * the ISA's registers, which would make passing it an ABI matter, -Wpsabi) */
+FCE_INLINE void vlogd(double *inout)
+{
+    VD s;
+    memcpy(&s, inout, sizeof s);
+    VL bits = (VL)s;
+    VL e = ((bits >> 52) & 0x7ff) - 1023;
+    VD m = (VD)((bits & 0x000fffffffffffffLL) | 0x3ff0000000000000LL);
+    VL big = m > 1.4142135623730951;
+    m = (VD)(((VL)(m * 0.5) & big) | ((VL)m & ~big));
+    e -= big; /* big is -1 where true */
+    VD u = (m - 1.0) / (m + 1.0), u2 = u * u;
+    VD p = (VD){0} + 1.0 / 21;
+    p = p * u2 + 1.0 / 19;
+    p = p * u2 + 1.0 / 17;
+    p = p * u2 + 1.0 / 15;
+    p = p * u2 + 1.0 / 13;
+    p = p * u2 + 1.0 / 11;
+    p = p * u2 + 1.0 / 9;
+    p = p * u2 + 1.0 / 7;
+    p = p * u2 + 1.0 / 5;
+    p = p * u2 + 1.0 / 3;
+    VD ed = __builtin_convertvector(e, VD);
+    VD r = ed * 6.93147180369123816490e-01 + (ed * 1.90821492927058770002e-10 + 2.0 * u + 2.0 * u * u2 * p);
+    /* 0 -> -inf; inf and NaN pass through (denormal s does not occur: s >= 1 or 0) */
+    VL zero = s == 0.0, special = ~(s == s) | (s == (double)INFINITY);
+    r = (VD)(((VL)r & ~zero) | ((VL)((VD){0} - (double)INFINITY) & zero));
+    r = (VD)(((VL)r & ~special) | ((VL)s & special));
+    memcpy(inout, &r, sizeof r);
+}
+
 /* exp(x) for x <= 0 (and NaN). Range reduction x = n ln2 + r, |r| <= ln2/2,
  * with n rounded by the 1.5*2^mant trick; exp(r) by a polynomial; 2^n built in
  * the exponent bits. Results below the smallest normal number are flushed to
@@ -196,6 +234,7 @@ enum { Q_NONE = 0, Q_ONE, Q_W, Q_P, Q_PW };
 typedef struct {
     const fce_job *job;
     int op, reduction, qmode, has_y, want_out;
+    int stream;          /* write the output with non-temporal stores */
     int64_t C;
     const T *x;
     const T *w;
@@ -256,6 +295,9 @@ FCE_INLINE void block_stats(const T *x, int64_t n, int qmode, const T *w, const 
         int64_t end = i + CHUNK * 2 * L < n ? i + CHUNK * 2 * L : n;
         V s0 = splat(0), s1 = s0, q0 = s0;
         for (; i + 2 * L <= end; i += 2 * L) {
+            /* while this block is summed from L1, bring the next one in */
+            for (int64_t b = 0; b < 2 * VB; b += 64)
+                __builtin_prefetch((const char *)(x + i + BLK) + b);
             V xa = loadu(x + i), xb = loadu(x + i + L);
             s0 += vexp(xa - vk);
             s1 += vexp(xb - vk);
@@ -310,56 +352,115 @@ static void range_stats_any(const ctx *cx, const T *x, int64_t n, const T *w, co
     }
 }
 
+/* Non-temporal store of a full vector to VB-aligned p, where the ISA has one:
+ * a large gradient goes to memory without first being read for ownership. */
+#if !defined(FCE_ISA_IS_SCALAR) && \
+    (defined(__AVX512F__) && VB == 64 || defined(__AVX__) && VB == 32 || defined(__SSE2__) && VB == 16)
+#define HAVE_STREAM 1
+static inline void store_stream(T *p, V v)
+{
+#if VB == 64 && FCE_DTYPE == 32
+    _mm512_stream_ps(p, (__m512)v);
+#elif VB == 64
+    _mm512_stream_pd(p, (__m512d)v);
+#elif VB == 32 && FCE_DTYPE == 32
+    _mm256_stream_ps(p, (__m256)v);
+#elif VB == 32
+    _mm256_stream_pd(p, (__m256d)v);
+#elif FCE_DTYPE == 32
+    _mm_stream_ps(p, (__m128)v);
+#else
+    _mm_stream_pd(p, (__m128d)v);
+#endif
+}
+static inline void stream_fence(void) { _mm_sfence(); }
+#else
+#define HAVE_STREAM 0
+static inline void store_stream(T *p, V v) { storeu(p, v); }
+static inline void stream_fence(void) {}
+#endif
+
+/* One vector of output at offset i (r valid lanes); adds its softmax values to *mass. */
+FCE_INLINE V write_vec(const T *x, int64_t i, int64_t r, int qmode, int log_softmax,
+                       const T *w, const T *p, T pa, T pb, V vk, V vls, V vc1, V vc2, V *mass)
+{
+    V z = (loadn(x + i, r, -INFINITY) - vk) - vls;
+    if (log_softmax) return z;
+    V e = vexp(z);
+    *mass += e;
+    V o = vc1 * e;
+    if (qmode != Q_NONE) o -= vc2 * qload(qmode, w + i, p + i, r, pa, pb);
+    return o;
+}
+
 /* out[c] = c1 exp((x_c - k) - ls) - c2 q_c  (gradient), or (x_c - k) - ls (log-softmax).
- * Returns sum_c exp((x_c - k) - ls): the softmax mass written. */
+ * Returns sum_c exp((x_c - k) - ls): the softmax mass written (folded into double
+ * every 16 vectors). With `stream`, full aligned vectors use non-temporal stores. */
 FCE_INLINE double write_run(const T *x, T *out, int64_t n, int qmode, int log_softmax,
-                            const T *w, const T *p, T pa, T pb, T k, T ls, T c1, T c2)
+                            int stream, const T *w, const T *p, T pa, T pb, T k, T ls,
+                            T c1, T c2)
 {
     V vk = splat(k), vls = splat(ls), vc1 = splat(c1), vc2 = splat(c2), mass = splat(0);
-    for (int64_t i = 0; i < n; i += L) {
-        int64_t r = n - i;
-        V z = (loadn(x + i, r, -INFINITY) - vk) - vls;
-        V o;
-        if (log_softmax) {
-            o = z;
-        } else {
-            V e = vexp(z);
-            mass += e;
-            o = vc1 * e;
-            if (qmode != Q_NONE) o -= vc2 * qload(qmode, w + i, p + i, r, pa, pb);
+    VD total = widen(mass);
+    int64_t i = 0;
+#define WRITE_VEC(i, r) \
+    write_vec(x, i, r, qmode, log_softmax, w, p, pa, pb, vk, vls, vc1, vc2, &mass)
+    if (HAVE_STREAM && stream && (uintptr_t)out % sizeof(T) == 0) {
+        int64_t head = (int64_t)(((uintptr_t)out / sizeof(T)) % L);
+        head = head ? L - head : 0;
+        if (head > n) head = n;
+        if (head) storen(out, WRITE_VEC(0, head), head);
+        i = head;
+        while (i + L <= n) {
+            int64_t end = i + 16 * L < n ? i + 16 * L : n;
+            for (; i + L <= end; i += L) store_stream(out + i, WRITE_VEC(i, L));
+            total += widen(mass);
+            mass = splat(0);
         }
-        storen(out + i, o, r);
     }
-    double total = 0.0;
-    if (!log_softmax) HSUMD(widen(mass), total);
-    return total;
+    while (i < n) {
+        int64_t end = i + 16 * L < n ? i + 16 * L : n;
+        for (; i < end; i += L) storen(out + i, WRITE_VEC(i, n - i), n - i);
+        total += widen(mass);
+        mass = splat(0);
+    }
+#undef WRITE_VEC
+    double sum = 0.0;
+    HSUMD(total, sum);
+    return sum;
 }
 
 /* The same over [0, n) without element `skip` (when 0 <= skip < n): the target's
  * output is written apart, and the mass of the others gives 1 - p_y exactly. */
 FCE_INLINE double write_range(const T *x, T *out, int64_t n, int64_t skip, int qmode,
-                              int log_softmax, const T *w, const T *p, T pa, T pb, T k, T ls,
-                              T c1, T c2)
+                              int log_softmax, int stream, const T *w, const T *p, T pa, T pb,
+                              T k, T ls, T c1, T c2)
 {
     if (skip < 0 || skip >= n)
-        return write_run(x, out, n, qmode, log_softmax, w, p, pa, pb, k, ls, c1, c2);
-    double m = write_run(x, out, skip, qmode, log_softmax, w, p, pa, pb, k, ls, c1, c2);
+        return write_run(x, out, n, qmode, log_softmax, stream, w, p, pa, pb, k, ls, c1, c2);
+    double m = write_run(x, out, skip, qmode, log_softmax, stream, w, p, pa, pb, k, ls, c1, c2);
     int64_t o = skip + 1;
-    return m + write_run(x + o, out + o, n - o, qmode, log_softmax, w ? w + o : w,
+    return m + write_run(x + o, out + o, n - o, qmode, log_softmax, stream, w ? w + o : w,
                          p ? p + o : p, pa, pb, k, ls, c1, c2);
 }
 
 static double write_range_any(const ctx *cx, const T *x, T *out, int64_t n, int64_t skip,
                               const T *w, const T *p, T k, T ls, T c1, T c2)
 {
+    const int st = cx->stream;
     if (cx->op == FCE_OP_LOG_SOFTMAX)
-        return write_range(x, out, n, -1, Q_NONE, 1, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+        return write_range(x, out, n, -1, Q_NONE, 1, st, w, p, cx->pa, cx->pb, k, ls, c1, c2);
     switch (cx->qmode) {
-    case Q_ONE: return write_range(x, out, n, skip, Q_ONE, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2);
-    case Q_W: return write_range(x, out, n, skip, Q_W, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2);
-    case Q_P: return write_range(x, out, n, skip, Q_P, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2);
-    case Q_PW: return write_range(x, out, n, skip, Q_PW, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2);
-    default: return write_range(x, out, n, skip, Q_NONE, 0, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+    case Q_ONE:
+        return write_range(x, out, n, skip, Q_ONE, 0, st, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+    case Q_W:
+        return write_range(x, out, n, skip, Q_W, 0, st, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+    case Q_P:
+        return write_range(x, out, n, skip, Q_P, 0, st, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+    case Q_PW:
+        return write_range(x, out, n, skip, Q_PW, 0, st, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+    default:
+        return write_range(x, out, n, skip, Q_NONE, 0, st, w, p, cx->pa, cx->pb, k, ls, c1, c2);
     }
 }
 
@@ -381,13 +482,13 @@ static int any_nan(const T *x, int64_t stride, int64_t n)
 }
 
 /* Loss of sample number s with state st (and fills in smp for the write pass).
- * x, stride: the sample's logits (looked at only in the rare +inf case). */
-static double finish_sample(const ctx *cx, int64_t s, const fce_state *st, sample *smp,
-                            const T *x, int64_t stride)
+ * ls = log(st->s); x, stride: the sample's logits (read only in the rare +inf case). */
+static double finish_sample(const ctx *cx, int64_t s, const fce_state *st, double ls,
+                            sample *smp, const T *x, int64_t stride)
 {
     const fce_job *job = cx->job;
     smp->k = fce_shift(st->m);
-    smp->ls = log(st->s);
+    smp->ls = ls;
     if (cx->op == FCE_OP_LOGSUMEXP) {
         /* a +inf logit: the sum is inf (not the NaN of inf - inf), unless a NaN is there */
         double lse = smp->k + smp->ls;
@@ -465,7 +566,7 @@ static double row_one(const ctx *cx, int64_t r)
     if (cx->has_y) smp.xy = (double)x[smp.y];
     fce_state st;
     range_stats_any(cx, x, cx->C, cx->w, p, &st);
-    double loss = finish_sample(cx, r, &st, &smp, x, 1);
+    double loss = finish_sample(cx, r, &st, log(st.s), &smp, x, 1);
     if (g) {
         double c1 = smp.gs * (smp.a + cx->b * st.q), c2 = smp.gs * cx->b;
         int target = cx->has_y && cx->op == FCE_OP_LOSS;
@@ -531,8 +632,10 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
             }
     }
 
-    /* finish each position */
-    double total = 0.0;
+    /* finish each position (the logs four vectors at a time) */
+    double total = 0.0, LS[G];
+    memcpy(LS, S, sizeof LS);
+    for (int v = 0; v < 4; v++) vlogd(LS + v * L);
     sample smp[G];
     T Kt[G], LSt[G], C1[G], C2[G];
     TI keep[G];
@@ -542,7 +645,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
         Kt[j] = LSt[j] = C1[j] = C2[j] = 0;
         if (!sample_target(cx, s0 + j, &smp[j])) continue;
         if (cx->has_y) smp[j].xy = (double)x[smp[j].y * cs + j];
-        total += finish_sample(cx, s0 + j, &st, &smp[j], x + j, cs);
+        total += finish_sample(cx, s0 + j, &st, LS[j], &smp[j], x + j, cs);
         keep[j] = -1;
         Kt[j] = (T)smp[j].k;
         LSt[j] = (T)smp[j].ls;
@@ -658,6 +761,7 @@ static void item_rows(const ctx *cx, int64_t it)
     } else {
         for (int64_t r = r0; r < r1; r++) acc += row_one(cx, r);
     }
+    if (cx->stream) stream_fence();
     cx->partials[it] = acc;
 }
 
@@ -695,6 +799,7 @@ static void item_segment_write(const ctx *cx, int64_t it)
                     cx->w ? cx->w + c0 : NULL,
                     cx->p ? cx->p + r * job->prob_outer_stride + c0 : NULL, (T)smp->k,
                     (T)smp->ls, (T)c1, (T)c2);
+    if (cx->stream) stream_fence();
 }
 
 /* columns layout: positions [j0, j1) of outer index n */
@@ -754,6 +859,9 @@ int EXPORT(fce_run)(fce_job *job)
     cx.p = (const T *)job->prob;
     cx.g = (T *)job->grad;
     cx.want_out = job->grad != NULL;
+    /* a large output not aliasing the input: stream it past the caches */
+    cx.stream = cx.want_out && job->grad != job->x &&
+                job->n_outer * job->n_classes * job->n_inner * (int64_t)sizeof(T) >= FCE_STREAM_BYTES;
     cx.has_y = job->op == FCE_OP_LOSS && job->target != NULL;
     const int64_t C = cx.C, N = job->n_outer, D = job->n_inner;
     const int64_t n_samples = N * D;
@@ -849,7 +957,7 @@ int EXPORT(fce_run)(fce_job *job)
             if (!sample_target(&cx, r, smp)) continue;
             if (cx.has_y) smp->xy = (double)cx.x[r * job->outer_stride + smp->y];
             cx.partials[r * cx.nseg] =
-                finish_sample(&cx, r, st, smp, cx.x + r * job->outer_stride, 1);
+                finish_sample(&cx, r, st, log(st->s), smp, cx.x + r * job->outer_stride, 1);
         }
         if (cx.want_out) {
             for_items(nt, n_items, item_segment_write, &cx);
