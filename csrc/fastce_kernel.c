@@ -73,6 +73,7 @@ typedef TI VI __attribute__((vector_size(VB)));
 /* L lanes of double: the dot products sum(q (k - x)) are accumulated in double
  * (their terms reach |k - x| ~ 100 for confident rows) */
 typedef double VD __attribute__((vector_size(VB / sizeof(T) * sizeof(double))));
+typedef int64_t VL __attribute__((vector_size(VB / sizeof(T) * sizeof(double))));
 /* Rows are processed in blocks of BLK elements (4 KiB): pass 1 brings a block
  * into L1, pass 2 reads it from there. */
 #define BLK ((int64_t)(4096 / sizeof(T)))
@@ -141,7 +142,6 @@ static inline T hmax(V v)
  * per position, too many for a scalar log. s = 2^e m, m in [sqrt(1/2), sqrt(2)),
  * log m = 2 atanh(u), u = (m-1)/(m+1), |u| <= 0.1716: the odd series to u^21
  * leaves a truncation below 2e-18 relative; ln2 split in hi + lo (fdlibm). */
-typedef int64_t VL __attribute__((vector_size(VB / sizeof(T) * sizeof(double))));
 /* in place over L doubles (a pointer, not a VD by value: VD may be wider than
  * the ISA's registers, which would make passing it an ABI matter, -Wpsabi) */
 FCE_INLINE void vlogd(double *inout)
@@ -178,54 +178,79 @@ FCE_INLINE void vlogd(double *inout)
  * with n rounded by the 1.5*2^mant trick; exp(r) by a polynomial; 2^n built in
  * the exponent bits. Results below the smallest normal number are flushed to
  * exactly 0 (denormals take a microcode slow path); -inf gives 0, NaN gives NaN. */
+#define EXP_F32_BODY(VT, IT, x, out)                                                 \
+    const float magic = 12582912.0f; /* 1.5 * 2^23 */                          \
+    const float log2e = 1.44269504088896341f;                                  \
+    const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;               \
+    const float x_min = -87.3365447505531f; /* log(FLT_MIN) */                 \
+    VT t = x * log2e + magic;                                                  \
+    VT n = t - magic;                                                          \
+    VT r = x - n * ln2_hi;                                                     \
+    r = r - n * ln2_lo;                                                        \
+    /* Cephes expf polynomial: exp(r) = 1 + r + r^2 P(r) */                    \
+    VT p = (VT){0} + 1.9875691500e-4f;                                         \
+    p = p * r + 1.3981999507e-3f;                                              \
+    p = p * r + 8.3334519073e-3f;                                              \
+    p = p * r + 4.1665795894e-2f;                                              \
+    p = p * r + 1.6666665459e-1f;                                              \
+    p = p * r + 5.0000001201e-1f;                                              \
+    p = p * (r * r) + r + 1.0f;                                                \
+    IT e = ((IT)t - (IT)((VT){0} + magic) + 127) << 23;                        \
+    VT y = p * (VT)e;                                                          \
+    out = (VT)((IT)y & ~(IT)(x < x_min));
+
+#define EXP_F64_BODY(VT, IT, x, out)                                                 \
+    const double magic = 6755399441055744.0; /* 1.5 * 2^52 */                  \
+    const double log2e = 1.4426950408889634074;                                \
+    const double ln2_hi = 6.93147180369123816490e-01;                          \
+    const double ln2_lo = 1.90821492927058770002e-10;                          \
+    const double x_min = -708.396418532264106; /* log(DBL_MIN) */              \
+    VT t = x * log2e + magic;                                                  \
+    VT n = t - magic;                                                          \
+    VT r = x - n * ln2_hi;                                                     \
+    r = r - n * ln2_lo;                                                        \
+    /* Taylor to r^13: truncation < 4.1e-18 relative for |r| <= ln2/2 */       \
+    VT p = (VT){0} + 1.0 / 6227020800.0;                                       \
+    p = p * r + 1.0 / 479001600.0;                                             \
+    p = p * r + 1.0 / 39916800.0;                                              \
+    p = p * r + 1.0 / 3628800.0;                                               \
+    p = p * r + 1.0 / 362880.0;                                                \
+    p = p * r + 1.0 / 40320.0;                                                 \
+    p = p * r + 1.0 / 5040.0;                                                  \
+    p = p * r + 1.0 / 720.0;                                                   \
+    p = p * r + 1.0 / 120.0;                                                   \
+    p = p * r + 1.0 / 24.0;                                                    \
+    p = p * r + 1.0 / 6.0;                                                     \
+    p = p * r + 0.5;                                                           \
+    p = p * (r * r) + r + 1.0;                                                 \
+    IT e = ((IT)t - (IT)((VT){0} + magic) + 1023) << 52;                       \
+    VT y = p * (VT)e;                                                          \
+    out = (VT)((IT)y & ~(IT)(x < x_min));
+
+/* vexp(x): T precision. VEXPD(v): v = exp(v) in double for a VD variable (a
+ * macro: VD may be wider than the registers, and passing it to a function by
+ * value would be an ABI matter, -Wpsabi). */
+#if FCE_DTYPE == 32
 static inline V vexp(V x)
 {
-#if FCE_DTYPE == 32
-    const T magic = 12582912.0f;            /* 1.5 * 2^23 */
-    const T log2e = 1.44269504088896341f;
-    const T ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-    const T x_min = -87.3365447505531f;     /* log(FLT_MIN) */
-    V t = x * log2e + magic;
-    V n = t - magic;
-    V r = x - n * ln2_hi;
-    r = r - n * ln2_lo;
-    /* Cephes expf polynomial: exp(r) = 1 + r + r^2 P(r) */
-    V p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    VI e = ((VI)t - (VI)splat(magic) + 127) << 23;
-#else
-    const T magic = 6755399441055744.0;     /* 1.5 * 2^52 */
-    const T log2e = 1.4426950408889634074;
-    const T ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
-    const T x_min = -708.396418532264106;    /* log(DBL_MIN) */
-    V t = x * log2e + magic;
-    V n = t - magic;
-    V r = x - n * ln2_hi;
-    r = r - n * ln2_lo;
-    /* Taylor to r^13: truncation < 4.1e-18 relative for |r| <= ln2/2 */
-    V p = splat(1.0 / 6227020800.0);
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * (r * r) + r + 1.0;
-    VI e = ((VI)t - (VI)splat(magic) + 1023) << 52;
-#endif
-    V y = p * (V)e;
-    return (V)((VI)y & ~(VI)(x < x_min));
+    V out;
+    EXP_F32_BODY(V, VI, x, out)
+    return out;
 }
+#define VEXPD(v)                              \
+    do {                                      \
+        VD vexpd_x_ = (v);                    \
+        EXP_F64_BODY(VD, VL, vexpd_x_, v)     \
+    } while (0)
+#else
+static inline V vexp(V x)
+{
+    V out;
+    EXP_F64_BODY(V, VI, x, out)
+    return out;
+}
+#define VEXPD(v) ((v) = vexp(v))
+#endif
 
 /* ------------------------------------------------------------ the job */
 
@@ -597,36 +622,40 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
     V k[4];
     for (int v = 0; v < 4; v++) k[v] = select(m[v] == -INFINITY, splat(0), m[v]);
 
-    /* sums over classes in T, folded into double every CH classes */
+    /* Sums over classes. The exps are taken in double here (a few classes per
+     * sample: the loss is small and each term's rounding would show), q in T
+     * folded into double every CH classes. */
     enum { CH = 64 };
     double S[G], D[G], Q[G];
     for (int64_t j = 0; j < G; j++) S[j] = D[j] = Q[j] = 0.0;
     for (int64_t c0 = 0; c0 < C; c0 += CH) {
         int64_t c1 = c0 + CH < C ? c0 + CH : C;
-        V s[4], q[4];
-        VD d[4];
-        for (int v = 0; v < 4; v++) s[v] = q[v] = splat(0), d[v] = widen(s[v]);
+        V q[4];
+        VD s[4], d[4];
+        for (int v = 0; v < 4; v++) q[v] = splat(0), s[v] = d[v] = widen(q[v]);
         for (int64_t c = c0; c < c1; c++) {
             V qc = splat(0);
             if (qmode == Q_ONE) qc = splat(1);
             else if (qmode == Q_W) qc = splat(cx->w[c]);
             for (int v = 0; v < 4; v++) {
                 V xv = loadn(x + c * cs + v * L, J - v * L, -INFINITY);
-                s[v] += vexp(xv - k[v]);
+                VD z = widen(xv) - widen(k[v]);
                 if (qmode != Q_NONE) {
                     V qv = qc;
                     if (qmode == Q_P || qmode == Q_PW) {
                         qv = loadn(p + c * pcs + v * L, J - v * L, 0) * cx->pa + cx->pb;
                         if (qmode == Q_PW) qv *= cx->w[c];
                     }
-                    d[v] += widen(qv * (k[v] - xv));
+                    d[v] -= widen(qv) * z;
                     q[v] += qv;
                 }
+                VEXPD(z);
+                s[v] += z;
             }
         }
         for (int v = 0; v < 4; v++)
             for (int64_t i = 0; i < L; i++) {
-                S[v * L + i] += (double)s[v][i];
+                S[v * L + i] += s[v][i];
                 D[v * L + i] += d[v][i];
                 Q[v * L + i] += (double)q[v][i];
             }
