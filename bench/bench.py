@@ -35,18 +35,20 @@ sample of the gradient, checked against the first contender's), then ``--repeat`
 run; within each repetition every contender is timed once, in an order rotated from repetition to
 repetition, so machine noise hits all of them alike. One timing sample is enough back-to-back
 calls to last ``--min-time`` seconds (many calls for tiny shapes, one for big ones); a result is
-the median over repetitions of the per-call time. Fresh results are freed as they come, so
+the median over repetitions of the per-call time (the slow numpy-ref and scipy sit out the
+repetitions after the fifth). Fresh results are freed as they come, so
 allocating the gradient (and its page faults) is part of the cost where a contender allocates.
 On virtual machines that hand freed memory back to the host (e.g. virtio-balloon free page
 reporting), touching a fresh large array can cost ~1 ms per MB, far more than on bare metal;
 "fastce out=" shows the cost without that allocation. The run also reports how much CPU other
 processes used meanwhile: multi-threaded results are only trustworthy on an idle machine.
 
-Before the cases, the machine's memory read bandwidth is measured for each T: a float32 array of
+The machine's memory read bandwidth is measured for each T: a float32 array of
 ``--bw-mib`` MiB (default 1 GiB, above the last-level cache) is read by ``numpy.sum`` and
 ``numpy.bitwise_or.reduce`` on a uint64 view (for T > 1: T Python threads each reducing one
 contiguous chunk - NumPy releases the GIL in reductions) and by ``torch.sum`` with
-``torch.set_num_threads(T)`` if torch is installed; the best median is the "read limit".
+``torch.set_num_threads(T)`` if torch is installed, 5 times each, before the cases and again
+after them; the fastest pass of any method is the "read limit" (noise only slows reads down).
 
 How to read the table
 ---------------------
@@ -56,11 +58,13 @@ How to read the table
 ``x torch``  torch's median / this median, torch at the same pass and thread count
              (> 1: faster than torch). For numpy-ref and scipy: vs torch at 1 thread.
 ``%read``    GB/s as a % of the read limit at that thread count. A forward pass must read the
-             logits at least once, so ~100% is the ceiling for large shapes; fwd+bwd must also
-             write a gradient as large as the logits, so its ceiling is lower (roughly 50-70%
-             depending on the machine's read/write mix). Shapes that fit in cache (e.g. 65536x10,
-             2.6 MB) can exceed 100%. The (2, 3) case measures per-call overhead; its GB/s and %read
-             are meaningless.
+             logits at least once, so ~100% is the ceiling for large shapes; fwd+bwd also
+             writes a gradient as large as the logits - twice the traffic, three times with
+             write-allocate - so its ceiling is about 33-50%. Shapes that fit in cache (e.g.
+             65536x10, 2.6 MB) can exceed 100%. The (2, 3) case measures per-call overhead; its
+             GB/s and %read are meaningless and shown as "-".
+``check``    "ok" when the loss (and a sample of the gradient) agrees with the first contender
+             of the same pass; otherwise what differs (and the exit status is 1).
 
 Outputs: the table on stdout, a JSON file (all timings, machine info: CPU, cores, fastce ISA/config,
 library versions, threadpoolctl info, command line) and a PNG plot (GB/s per shape, one bar per
@@ -99,6 +103,7 @@ FULL_SHAPES: List[Tuple[int, ...]] = [
     (2, 3), (65536, 10), (16384, 1000), (4096, 32000), (1024, 128256), (256, 262144), (2, 16777216),
 ]
 QUICK_SHAPES: List[Tuple[int, ...]] = [(2, 3), (65536, 10), (16384, 1000), (4096, 32000)]
+SLOW_REPEAT = 5  # slow contenders (numpy-ref, scipy) sit out repetitions after this many
 TINY_BYTES = 64 * 1024  # shapes below this measure per-call overhead; left out of the plot
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -346,7 +351,8 @@ def run_group(m: Any, plan: Plan, case: Case, nt: int, members: List[Contender],
     checks: Dict[str, Optional[str]] = {}
     numbers: List[int] = []
     baseline: Dict[str, Tuple[float, Any]] = {}
-    weight_per_step = plan.group_weight(case.nbytes, len(members)) / (plan.repeat + 2) / len(members)
+    weight_per_step = plan.group_weight(case.nbytes, len(members)) / (plan.repeat + 2)
+    weight_per_step /= len(members)
     ok: List[Contender] = []
     fns: List[Fn] = []
     for c in members:
@@ -376,6 +382,8 @@ def run_group(m: Any, plan: Plan, case: Case, nt: int, members: List[Contender],
     k = len(members)
     for r in range(plan.repeat if k else 0):
         for i in list(range(r % k, k)) + list(range(r % k)):
+            if members[i].slow and len(times[i]) >= SLOW_REPEAT:
+                continue  # 10-100x slower than the rest; 5 samples are plenty for them
             times[i].append(_util.time_calls(fns[i], numbers[i]))
             if pause:
                 time.sleep(pause)  # let the previous contender's worker threads go idle
@@ -562,15 +570,17 @@ def _contender_list(s: str) -> List[str]:
     names = [v.strip() for v in s.split(",") if v.strip()]
     bad = [n for n in names if n not in CONTENDER_NAMES]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown contender(s) {bad}; choose from {CONTENDER_NAMES}")
+        raise argparse.ArgumentTypeError(
+            f"unknown contender(s) {bad}; choose from {CONTENDER_NAMES}")
     return names
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench.py",
-        description="Benchmark fastce against torch, NumPy and SciPy on CPU: softmax cross-entropy\n"
-        "loss (fwd) and loss + gradient (fwd+bwd), reduction='mean', class-index targets.\n"
+        description="Benchmark fastce against torch, NumPy and SciPy on CPU: softmax "
+        "cross-entropy\nloss (fwd) and loss + gradient (fwd+bwd), reduction='mean', "
+        "class-index targets.\n"
         "Reports median ms, GB/s of logits read, speed-up vs torch at the same thread count\n"
         "and % of this machine's measured memory read bandwidth; prints a table and writes\n"
         "JSON and a PNG plot. The docstring of bench/bench.py explains the method in detail.",
@@ -593,7 +603,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--contenders", type=_contender_list, metavar="NAME,...",
                    help="only these contenders (default: all available)")
     p.add_argument("--repeat", type=int, metavar="N",
-                   help="timed repetitions per case, median reported (default 7; --quick 5)")
+                   help="timed repetitions per case, median reported (default 7; --quick 5; "
+                        f"numpy-ref and scipy stop after {SLOW_REPEAT})")
     p.add_argument("--min-time", type=float, metavar="S",
                    help="minimum seconds per timing sample; tiny cases loop to reach it "
                         "(default 0.05; --quick 0.01)")
@@ -696,12 +707,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "processes are busy, expect noisy (especially multi-threaded) numbers",
               file=sys.stderr)
     rows: List[Dict[str, Any]] = []
-    bandwidth: Dict[int, Dict[str, Any]] = {}
+    bw_runs: List[Dict[int, Dict[str, Any]]] = []
     try:
         progress.update(0, "measuring read bandwidth")
-        bandwidth = _util.measure_read_bandwidth(args.threads, args.bw_mib * 2**20, 5, m.torch,
-                                                 progress)
-        progress.update(bw_weight, "read bandwidth")
+        bw_runs.append(_util.measure_read_bandwidth(args.threads, args.bw_mib * 2**20, 5,
+                                                    m.torch, progress))
+        progress.update(bw_weight / 2, "read bandwidth")
         for dt in args.dtype:
             for shape in args.shapes:
                 progress.update(0, f"{dt.name} {shape_str(shape)}", "generating data")
@@ -712,6 +723,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     if members:
                         rows.extend(run_group(m, plan, case, nt, members, progress, args.pause))
                 del case
+        # again at the end: a burst of noise during one probe can't understate the limit
+        bw_runs.append(_util.measure_read_bandwidth(args.threads, args.bw_mib * 2**20, 5,
+                                                    m.torch, progress))
+        progress.update(bw_weight / 2, "read bandwidth (again)")
     except KeyboardInterrupt:
         progress.close()
         print("\ninterrupted: reporting what was measured so far", file=sys.stderr)
@@ -721,6 +736,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             m.torch.set_num_threads(original_threads)
 
     noise = load.stop()
+    bandwidth = _util.merge_bandwidth(*bw_runs)
     notes.extend(plan.notes)
     if noise["other_cpu_pct"] is not None and noise["other_cpu_pct"] > 5:
         notes.append(f"other processes used {noise['other_cpu_pct']:.0f}% of the CPU time "
@@ -729,7 +745,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_derived(rows, bandwidth)
     elapsed = time.perf_counter() - t_start
 
-    print("\nread limit (memory read bandwidth, 1 GB = 1e9 B):")
+    print("\nread limit (memory read bandwidth, 1 GB = 1e9 B; best of a probe before and after):")
     for nt, b in bandwidth.items():
         print(f"  {nt} thread(s): {b['gbps']:6.1f} GB/s  (best of: "
               + ", ".join(f"{k} {v:.1f}" for k, v in b["methods_gbps"].items()) + ")")
@@ -763,6 +779,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "contenders": sorted({c.name for c in contenders})},
             "machine": info,
             "read_bandwidth": {str(k): v for k, v in bandwidth.items()},
+            "read_bandwidth_probes": [{str(k): v for k, v in r.items()} for r in bw_runs],
             "noise": noise,
             "results": rows,
             "notes": notes,

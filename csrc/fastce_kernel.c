@@ -165,7 +165,9 @@ FCE_INLINE void vlogd(double *inout)
     p = p * u2 + 1.0 / 7;
     p = p * u2 + 1.0 / 5;
     p = p * u2 + 1.0 / 3;
-    VD ed = __builtin_convertvector(e, VD);
+    /* e to double without an int64 conversion instruction (AVX2 has none):
+     * the bits of 1.5 * 2^52 + e are those of 1.5 * 2^52 plus e, for |e| < 2^51 */
+    VD ed = (VD)(e + 0x4338000000000000LL) - 6755399441055744.0;
     VD r = ed * 6.93147180369123816490e-01 + (ed * 1.90821492927058770002e-10 + 2.0 * u + 2.0 * u * u2 * p);
     /* 0 -> -inf; inf and NaN pass through (denormal s does not occur: s >= 1 or 0) */
     VL zero = s == 0.0, special = ~(s == s) | (s == (double)INFINITY);
@@ -227,30 +229,16 @@ FCE_INLINE void vlogd(double *inout)
     VT y = p * (VT)e;                                                          \
     out = (VT)((IT)y & ~(IT)(x < x_min));
 
-/* vexp(x): T precision. VEXPD(v): v = exp(v) in double for a VD variable (a
- * macro: VD may be wider than the registers, and passing it to a function by
- * value would be an ABI matter, -Wpsabi). */
+static inline V vexp(V x)
+{
+    V out;
 #if FCE_DTYPE == 32
-static inline V vexp(V x)
-{
-    V out;
     EXP_F32_BODY(V, VI, x, out)
-    return out;
-}
-#define VEXPD(v)                              \
-    do {                                      \
-        VD vexpd_x_ = (v);                    \
-        EXP_F64_BODY(VD, VL, vexpd_x_, v)     \
-    } while (0)
 #else
-static inline V vexp(V x)
-{
-    V out;
     EXP_F64_BODY(V, VI, x, out)
+#endif
     return out;
 }
-#define VEXPD(v) ((v) = vexp(v))
-#endif
 
 /* ------------------------------------------------------------ the job */
 
@@ -274,6 +262,8 @@ typedef struct {
     fce_state *states;   /* long rows: one state per segment */
     struct sample *smps; /* long rows: one finished sample per row */
     double *mass;        /* long rows: softmax mass written per segment, target left out */
+    T *scratch;          /* rows with a gradient: per thread, room for one row's exps */
+    int64_t scratch_len;
 } ctx;
 
 /* the coefficients q for classes [c, c+n) of a row, as a vector from lane 0 */
@@ -294,7 +284,7 @@ FCE_INLINE V qload(int qmode, const T *w, const T *p, int64_t n, T pa, T pb)
 
 /* The state of n contiguous classes (n <= BLK): pass 1 the max, pass 2 the rest. */
 FCE_INLINE void block_stats(const T *x, int64_t n, int qmode, const T *w, const T *p,
-                            T pa, T pb, fce_state *st)
+                            T pa, T pb, fce_state *st, T *e_out)
 {
     V m0 = splat(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
     int64_t i = 0;
@@ -324,8 +314,13 @@ FCE_INLINE void block_stats(const T *x, int64_t n, int qmode, const T *w, const 
             for (int64_t b = 0; b < 2 * VB; b += 64)
                 __builtin_prefetch((const char *)(x + i + BLK) + b);
             V xa = loadu(x + i), xb = loadu(x + i + L);
-            s0 += vexp(xa - vk);
-            s1 += vexp(xb - vk);
+            V ea = vexp(xa - vk), eb = vexp(xb - vk);
+            s0 += ea;
+            s1 += eb;
+            if (e_out) {
+                storeu(e_out + i, ea);
+                storeu(e_out + i + L, eb);
+            }
             if (qmode != Q_NONE) {
                 V qa = qload(qmode, w + i, p + i, L, pa, pb);
                 V qb = qload(qmode, w + i + L, p + i + L, L, pa, pb);
@@ -338,7 +333,9 @@ FCE_INLINE void block_stats(const T *x, int64_t n, int qmode, const T *w, const 
     }
     for (; i < n; i += L) {
         V xa = loadn(x + i, n - i, -INFINITY);
-        sd += widen(vexp(xa - vk));
+        V ea = vexp(xa - vk);
+        sd += widen(ea);
+        if (e_out) storen(e_out + i, ea, n - i);
         if (qmode != Q_NONE) {
             V qa = qload(qmode, w + i, p + i, n - i, pa, pb);
             dd += widen(qa * (vk - loadn(x + i, n - i, k)));
@@ -351,29 +348,33 @@ FCE_INLINE void block_stats(const T *x, int64_t n, int qmode, const T *w, const 
     HSUMD(qd, st->q);
 }
 
-/* The state of n contiguous classes, block by block, merged in order. */
+/* The state of n contiguous classes, block by block, merged in order. With
+ * e_out, each block's exp(x - shift) is kept there and its max in bm[block]. */
 FCE_INLINE void range_stats(const T *x, int64_t n, int qmode, const T *w, const T *p,
-                            T pa, T pb, fce_state *st)
+                            T pa, T pb, fce_state *st, T *e_out, double *bm)
 {
     int64_t b0 = n < BLK ? n : BLK;
-    block_stats(x, b0, qmode, w, p, pa, pb, st);
+    block_stats(x, b0, qmode, w, p, pa, pb, st, e_out);
+    if (e_out) bm[0] = st->m;
     for (; b0 < n; b0 += BLK) {
         fce_state bs;
         int64_t len = n - b0 < BLK ? n - b0 : BLK;
-        block_stats(x + b0, len, qmode, w ? w + b0 : w, p ? p + b0 : p, pa, pb, &bs);
+        block_stats(x + b0, len, qmode, w ? w + b0 : w, p ? p + b0 : p, pa, pb, &bs,
+                    e_out ? e_out + b0 : e_out);
+        if (e_out) bm[b0 / BLK] = bs.m;
         fce_state_merge(st, &bs);
     }
 }
 
 static void range_stats_any(const ctx *cx, const T *x, int64_t n, const T *w, const T *p,
-                            fce_state *st)
+                            fce_state *st, T *e_out, double *bm)
 {
     switch (cx->qmode) {
-    case Q_ONE: range_stats(x, n, Q_ONE, w, p, cx->pa, cx->pb, st); break;
-    case Q_W: range_stats(x, n, Q_W, w, p, cx->pa, cx->pb, st); break;
-    case Q_P: range_stats(x, n, Q_P, w, p, cx->pa, cx->pb, st); break;
-    case Q_PW: range_stats(x, n, Q_PW, w, p, cx->pa, cx->pb, st); break;
-    default: range_stats(x, n, Q_NONE, w, p, cx->pa, cx->pb, st); break;
+    case Q_ONE: range_stats(x, n, Q_ONE, w, p, cx->pa, cx->pb, st, e_out, bm); break;
+    case Q_W: range_stats(x, n, Q_W, w, p, cx->pa, cx->pb, st, e_out, bm); break;
+    case Q_P: range_stats(x, n, Q_P, w, p, cx->pa, cx->pb, st, e_out, bm); break;
+    case Q_PW: range_stats(x, n, Q_PW, w, p, cx->pa, cx->pb, st, e_out, bm); break;
+    default: range_stats(x, n, Q_NONE, w, p, cx->pa, cx->pb, st, e_out, bm); break;
     }
 }
 
@@ -405,13 +406,14 @@ static inline void store_stream(T *p, V v) { storeu(p, v); }
 static inline void stream_fence(void) {}
 #endif
 
-/* One vector of output at offset i (r valid lanes); adds its softmax values to *mass. */
-FCE_INLINE V write_vec(const T *x, int64_t i, int64_t r, int qmode, int log_softmax,
-                       const T *w, const T *p, T pa, T pb, V vk, V vls, V vc1, V vc2, V *mass)
+/* One vector of output at offset i (r valid lanes); adds its softmax values to
+ * *mass. The softmax is exp((x - k) - ls), or e * f from exps kept by pass 2. */
+FCE_INLINE V write_vec(const T *x, const T *ek, int64_t i, int64_t r, int qmode,
+                       int log_softmax, const T *w, const T *p, T pa, T pb, V vk, V vls,
+                       V vf, V vc1, V vc2, V *mass)
 {
-    V z = (loadn(x + i, r, -INFINITY) - vk) - vls;
-    if (log_softmax) return z;
-    V e = vexp(z);
+    if (log_softmax) return (loadn(x + i, r, -INFINITY) - vk) - vls;
+    V e = ek ? loadn(ek + i, r, 0) * vf : vexp((loadn(x + i, r, -INFINITY) - vk) - vls);
     *mass += e;
     V o = vc1 * e;
     if (qmode != Q_NONE) o -= vc2 * qload(qmode, w + i, p + i, r, pa, pb);
@@ -421,15 +423,16 @@ FCE_INLINE V write_vec(const T *x, int64_t i, int64_t r, int qmode, int log_soft
 /* out[c] = c1 exp((x_c - k) - ls) - c2 q_c  (gradient), or (x_c - k) - ls (log-softmax).
  * Returns sum_c exp((x_c - k) - ls): the softmax mass written (folded into double
  * every 16 vectors). With `stream`, full aligned vectors use non-temporal stores. */
-FCE_INLINE double write_run(const T *x, T *out, int64_t n, int qmode, int log_softmax,
-                            int stream, const T *w, const T *p, T pa, T pb, T k, T ls,
-                            T c1, T c2)
+FCE_INLINE double write_run(const T *x, const T *ek, T f, T *out, int64_t n, int qmode,
+                            int log_softmax, int stream, const T *w, const T *p, T pa, T pb,
+                            T k, T ls, T c1, T c2)
 {
-    V vk = splat(k), vls = splat(ls), vc1 = splat(c1), vc2 = splat(c2), mass = splat(0);
+    V vk = splat(k), vls = splat(ls), vf = splat(f), vc1 = splat(c1), vc2 = splat(c2);
+    V mass = splat(0);
     VD total = widen(mass);
     int64_t i = 0;
 #define WRITE_VEC(i, r) \
-    write_vec(x, i, r, qmode, log_softmax, w, p, pa, pb, vk, vls, vc1, vc2, &mass)
+    write_vec(x, ek, i, r, qmode, log_softmax, w, p, pa, pb, vk, vls, vf, vc1, vc2, &mass)
     if (HAVE_STREAM && stream && (uintptr_t)out % sizeof(T) == 0) {
         int64_t head = (int64_t)(((uintptr_t)out / sizeof(T)) % L);
         head = head ? L - head : 0;
@@ -457,35 +460,38 @@ FCE_INLINE double write_run(const T *x, T *out, int64_t n, int qmode, int log_so
 
 /* The same over [0, n) without element `skip` (when 0 <= skip < n): the target's
  * output is written apart, and the mass of the others gives 1 - p_y exactly. */
-FCE_INLINE double write_range(const T *x, T *out, int64_t n, int64_t skip, int qmode,
-                              int log_softmax, int stream, const T *w, const T *p, T pa, T pb,
-                              T k, T ls, T c1, T c2)
+FCE_INLINE double write_range(const T *x, const T *ek, T f, T *out, int64_t n, int64_t skip,
+                              int qmode, int log_softmax, int stream, const T *w, const T *p,
+                              T pa, T pb, T k, T ls, T c1, T c2)
 {
     if (skip < 0 || skip >= n)
-        return write_run(x, out, n, qmode, log_softmax, stream, w, p, pa, pb, k, ls, c1, c2);
-    double m = write_run(x, out, skip, qmode, log_softmax, stream, w, p, pa, pb, k, ls, c1, c2);
+        return write_run(x, ek, f, out, n, qmode, log_softmax, stream, w, p, pa, pb, k, ls,
+                         c1, c2);
+    double m = write_run(x, ek, f, out, skip, qmode, log_softmax, stream, w, p, pa, pb, k, ls,
+                         c1, c2);
     int64_t o = skip + 1;
-    return m + write_run(x + o, out + o, n - o, qmode, log_softmax, stream, w ? w + o : w,
-                         p ? p + o : p, pa, pb, k, ls, c1, c2);
+    return m + write_run(x + o, ek ? ek + o : ek, f, out + o, n - o, qmode, log_softmax, stream,
+                         w ? w + o : w, p ? p + o : p, pa, pb, k, ls, c1, c2);
 }
 
-static double write_range_any(const ctx *cx, const T *x, T *out, int64_t n, int64_t skip,
-                              const T *w, const T *p, T k, T ls, T c1, T c2)
+static double write_range_any(const ctx *cx, const T *x, const T *ek, T f, T *out, int64_t n,
+                              int64_t skip, const T *w, const T *p, T k, T ls, T c1, T c2)
 {
     const int st = cx->stream;
+    const T pa = cx->pa, pb = cx->pb;
     if (cx->op == FCE_OP_LOG_SOFTMAX)
-        return write_range(x, out, n, -1, Q_NONE, 1, st, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+        return write_range(x, NULL, 0, out, n, -1, Q_NONE, 1, st, w, p, pa, pb, k, ls, c1, c2);
     switch (cx->qmode) {
     case Q_ONE:
-        return write_range(x, out, n, skip, Q_ONE, 0, st, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+        return write_range(x, ek, f, out, n, skip, Q_ONE, 0, st, w, p, pa, pb, k, ls, c1, c2);
     case Q_W:
-        return write_range(x, out, n, skip, Q_W, 0, st, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+        return write_range(x, ek, f, out, n, skip, Q_W, 0, st, w, p, pa, pb, k, ls, c1, c2);
     case Q_P:
-        return write_range(x, out, n, skip, Q_P, 0, st, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+        return write_range(x, ek, f, out, n, skip, Q_P, 0, st, w, p, pa, pb, k, ls, c1, c2);
     case Q_PW:
-        return write_range(x, out, n, skip, Q_PW, 0, st, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+        return write_range(x, ek, f, out, n, skip, Q_PW, 0, st, w, p, pa, pb, k, ls, c1, c2);
     default:
-        return write_range(x, out, n, skip, Q_NONE, 0, st, w, p, cx->pa, cx->pb, k, ls, c1, c2);
+        return write_range(x, ek, f, out, n, skip, Q_NONE, 0, st, w, p, pa, pb, k, ls, c1, c2);
     }
 }
 
@@ -576,8 +582,25 @@ static T target_grad(const ctx *cx, const sample *smp, double qsum, double other
 
 /* ------------------------------------------------------- rows layout */
 
-/* One whole row r (C <= SEG). Returns its loss. */
-static double row_one(const ctx *cx, int64_t r)
+/* The output of a row whose pass-2 exps are kept in ek (block maxima in bm):
+ * block b's softmax is ek * exp(shift(bm[b]) - lse), no exp recomputed. */
+static double write_row_kept(const ctx *cx, const T *x, const T *ek, const double *bm,
+                             T *out, int64_t n, int64_t skip, const T *w, const T *p,
+                             const sample *smp, T c1, T c2)
+{
+    double mass = 0.0, lse = smp->k + smp->ls;
+    for (int64_t b0 = 0; b0 < n; b0 += BLK) {
+        int64_t len = n - b0 < BLK ? n - b0 : BLK;
+        double m = bm[b0 / BLK];
+        T f = m == -INFINITY ? 0 : (T)exp(fce_shift(m) - lse); /* <= 1 */
+        mass += write_range_any(cx, x + b0, ek + b0, f, out + b0, len, skip - b0,
+                                w ? w + b0 : w, p ? p + b0 : p, (T)smp->k, (T)smp->ls, c1, c2);
+    }
+    return mass;
+}
+
+/* One whole row r (C <= SEG). Returns its loss. ek: scratch for C exps, or NULL. */
+static double row_one(const ctx *cx, int64_t r, T *ek)
 {
     const fce_job *job = cx->job;
     const T *x = cx->x + r * job->outer_stride;
@@ -590,13 +613,17 @@ static double row_one(const ctx *cx, int64_t r)
     }
     if (cx->has_y) smp.xy = (double)x[smp.y];
     fce_state st;
-    range_stats_any(cx, x, cx->C, cx->w, p, &st);
+    double bm[SEG / BLK + 1];
+    range_stats_any(cx, x, cx->C, cx->w, p, &st, ek, bm);
     double loss = finish_sample(cx, r, &st, log(st.s), &smp, x, 1);
     if (g) {
         double c1 = smp.gs * (smp.a + cx->b * st.q), c2 = smp.gs * cx->b;
         int target = cx->has_y && cx->op == FCE_OP_LOSS;
-        double others = write_range_any(cx, x, g, cx->C, target ? smp.y : -1, cx->w, p,
-                                        (T)smp.k, (T)smp.ls, (T)c1, (T)c2);
+        int64_t skip = target ? smp.y : -1;
+        double others =
+            ek ? write_row_kept(cx, x, ek, bm, g, cx->C, skip, cx->w, p, &smp, (T)c1, (T)c2)
+               : write_range_any(cx, x, NULL, 0, g, cx->C, skip, cx->w, p, (T)smp.k,
+                                 (T)smp.ls, (T)c1, (T)c2);
         if (target) g[smp.y] = target_grad(cx, &smp, st.q, others);
     }
     return loss;
@@ -614,48 +641,46 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
 {
     const int64_t C = cx->C;
     const int qmode = cx->qmode;
+    /* vectors in use: 4 but for a short last group (tiny inputs) */
+    const int nv = J >= G ? 4 : (int)((J + L - 1) / L);
     V m[4];
     for (int v = 0; v < 4; v++) m[v] = splat(-INFINITY);
     for (int64_t c = 0; c < C; c++)
-        for (int v = 0; v < 4; v++)
+        for (int v = 0; v < nv; v++)
             m[v] = vmax(loadn(x + c * cs + v * L, J - v * L, -INFINITY), m[v]);
     V k[4];
     for (int v = 0; v < 4; v++) k[v] = select(m[v] == -INFINITY, splat(0), m[v]);
 
-    /* Sums over classes. The exps are taken in double here (a few classes per
-     * sample: the loss is small and each term's rounding would show), q in T
-     * folded into double every CH classes. */
-    enum { CH = 64 };
+    /* sums over classes in T, folded into double every CH classes (d in double) */
+    enum { CH = 16 };
     double S[G], D[G], Q[G];
     for (int64_t j = 0; j < G; j++) S[j] = D[j] = Q[j] = 0.0;
     for (int64_t c0 = 0; c0 < C; c0 += CH) {
         int64_t c1 = c0 + CH < C ? c0 + CH : C;
-        V q[4];
-        VD s[4], d[4];
-        for (int v = 0; v < 4; v++) q[v] = splat(0), s[v] = d[v] = widen(q[v]);
+        V s[4], q[4];
+        VD d[4];
+        for (int v = 0; v < 4; v++) s[v] = q[v] = splat(0), d[v] = widen(s[v]);
         for (int64_t c = c0; c < c1; c++) {
             V qc = splat(0);
             if (qmode == Q_ONE) qc = splat(1);
             else if (qmode == Q_W) qc = splat(cx->w[c]);
-            for (int v = 0; v < 4; v++) {
+            for (int v = 0; v < nv; v++) {
                 V xv = loadn(x + c * cs + v * L, J - v * L, -INFINITY);
-                VD z = widen(xv) - widen(k[v]);
+                s[v] += vexp(xv - k[v]);
                 if (qmode != Q_NONE) {
                     V qv = qc;
                     if (qmode == Q_P || qmode == Q_PW) {
                         qv = loadn(p + c * pcs + v * L, J - v * L, 0) * cx->pa + cx->pb;
                         if (qmode == Q_PW) qv *= cx->w[c];
                     }
-                    d[v] -= widen(qv) * z;
+                    d[v] += widen(qv * (k[v] - xv));
                     q[v] += qv;
                 }
-                VEXPD(z);
-                s[v] += z;
             }
         }
-        for (int v = 0; v < 4; v++)
+        for (int v = 0; v < nv; v++)
             for (int64_t i = 0; i < L; i++) {
-                S[v * L + i] += s[v][i];
+                S[v * L + i] += (double)s[v][i];
                 D[v * L + i] += d[v][i];
                 Q[v * L + i] += (double)q[v][i];
             }
@@ -664,7 +689,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
     /* finish each position (the logs four vectors at a time) */
     double total = 0.0, LS[G];
     memcpy(LS, S, sizeof LS);
-    for (int v = 0; v < 4; v++) vlogd(LS + v * L);
+    for (int v = 0; v < nv; v++) vlogd(LS + v * L);
     sample smp[G];
     T Kt[G], LSt[G], C1[G], C2[G];
     TI keep[G];
@@ -761,42 +786,49 @@ static double rows_small_c(const ctx *cx, int64_t r0, int64_t r1)
 
 /* ------------------------------------------------------------ drivers */
 
-typedef void (*item_fn)(const ctx *cx, int64_t it);
+typedef void (*item_fn)(const ctx *cx, int64_t it, int tid);
 
-/* Run fn on items 0..n-1; results go to per-item slots, so the order of
- * completion (and the thread count) never changes a result. */
+/* Run fn on items 0..n-1 (tid: the thread's number, for its scratch); results
+ * go to per-item slots, so the order of completion (and the thread count) never
+ * changes a result. */
 static void for_items(int nt, int64_t n, item_fn fn, const ctx *cx)
 {
 #ifdef _OPENMP
     if (nt > 1) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-        for (int64_t it = 0; it < n; it++) fn(cx, it);
+#pragma omp parallel num_threads(nt)
+        {
+            int tid = omp_get_thread_num();
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t it = 0; it < n; it++) fn(cx, it, tid);
+        }
         return;
     }
 #else
     (void)nt;
 #endif
-    for (int64_t it = 0; it < n; it++) fn(cx, it);
+    for (int64_t it = 0; it < n; it++) fn(cx, it, 0);
 }
 
 /* rows layout, C <= SEG: rows [it*per_item, ...) */
-static void item_rows(const ctx *cx, int64_t it)
+static void item_rows(const ctx *cx, int64_t it, int tid)
 {
+    T *ek = cx->scratch ? cx->scratch + (int64_t)tid * cx->scratch_len : NULL;
     int64_t N = cx->job->n_outer;
     int64_t r0 = it * cx->per_item, r1 = r0 + cx->per_item < N ? r0 + cx->per_item : N;
     double acc = 0.0;
     if (cx->C <= FCE_SMALL_C) {
         acc = rows_small_c(cx, r0, r1);
     } else {
-        for (int64_t r = r0; r < r1; r++) acc += row_one(cx, r);
+        for (int64_t r = r0; r < r1; r++) acc += row_one(cx, r, ek);
     }
     if (cx->stream) stream_fence();
     cx->partials[it] = acc;
 }
 
 /* rows layout, C > SEG: the state of segment it % nseg of row it / nseg */
-static void item_segment_stats(const ctx *cx, int64_t it)
+static void item_segment_stats(const ctx *cx, int64_t it, int tid)
 {
+    (void)tid;
     const fce_job *job = cx->job;
     int64_t r = it / cx->nseg, c0 = (it % cx->nseg) * cx->seg;
     int64_t len = cx->C - c0 < cx->seg ? cx->C - c0 : cx->seg;
@@ -805,12 +837,14 @@ static void item_segment_stats(const ctx *cx, int64_t it)
         return;
     }
     range_stats_any(cx, cx->x + r * job->outer_stride + c0, len, cx->w ? cx->w + c0 : NULL,
-                    cx->p ? cx->p + r * job->prob_outer_stride + c0 : NULL, &cx->states[it]);
+                    cx->p ? cx->p + r * job->prob_outer_stride + c0 : NULL, &cx->states[it],
+                    NULL, NULL);
 }
 
 /* rows layout, C > SEG: write the output of one segment */
-static void item_segment_write(const ctx *cx, int64_t it)
+static void item_segment_write(const ctx *cx, int64_t it, int tid)
 {
+    (void)tid;
     const fce_job *job = cx->job;
     int64_t r = it / cx->nseg, c0 = (it % cx->nseg) * cx->seg;
     int64_t len = cx->C - c0 < cx->seg ? cx->C - c0 : cx->seg;
@@ -824,7 +858,8 @@ static void item_segment_write(const ctx *cx, int64_t it)
     double q = cx->states[r * cx->nseg].q;
     double c1 = smp->gs * (smp->a + cx->b * q), c2 = smp->gs * cx->b;
     int64_t skip = cx->has_y && cx->op == FCE_OP_LOSS ? smp->y - c0 : -1;
-    cx->mass[it] = write_range_any(cx, cx->x + r * job->outer_stride + c0, out, len, skip,
+    cx->mass[it] = write_range_any(cx, cx->x + r * job->outer_stride + c0, NULL, 0, out, len,
+                                   skip,
                     cx->w ? cx->w + c0 : NULL,
                     cx->p ? cx->p + r * job->prob_outer_stride + c0 : NULL, (T)smp->k,
                     (T)smp->ls, (T)c1, (T)c2);
@@ -832,8 +867,9 @@ static void item_segment_write(const ctx *cx, int64_t it)
 }
 
 /* columns layout: positions [j0, j1) of outer index n */
-static void item_cols(const ctx *cx, int64_t it)
+static void item_cols(const ctx *cx, int64_t it, int tid)
 {
+    (void)tid;
     const fce_job *job = cx->job;
     int64_t D = job->n_inner;
     int64_t n = it / cx->tiles, j0 = (it % cx->tiles) * cx->per_item;
@@ -961,15 +997,24 @@ int EXPORT(fce_run)(fce_job *job)
         fn = item_cols;
     }
     int nt = fce_pick_threads(job->n_threads, N * C * D, n_items);
+    int status = FCE_OK;
 
     double stack_partials[64];
     cx.partials = n_items <= 64 ? stack_partials : malloc((size_t)n_items * sizeof(double));
+    /* gradient of whole rows: keep pass 2's exps so the write pass needs none */
+    if (fn == item_rows && C > FCE_SMALL_C && cx.want_out && cx.op == FCE_OP_LOSS) {
+        cx.scratch_len = (C + 15) / 16 * 16; /* 64-byte multiples */
+        cx.scratch = malloc((size_t)(nt * cx.scratch_len) * sizeof(T));
+        if (!cx.scratch) {
+            status = FCE_ERR_NOMEM;
+            goto done;
+        }
+    }
     if (fn == item_segment_stats) {
         cx.states = malloc((size_t)n_items * sizeof(fce_state));
         cx.smps = malloc((size_t)N * sizeof(sample));
         cx.mass = malloc((size_t)n_items * sizeof(double));
     }
-    int status = FCE_OK;
     if (!cx.partials || (fn == item_segment_stats && (!cx.states || !cx.smps || !cx.mass))) {
         status = FCE_ERR_NOMEM;
         goto done;
@@ -1011,6 +1056,7 @@ done:
     free(cx.states);
     free(cx.smps);
     free(cx.mass);
+    free(cx.scratch);
     return status;
 }
 

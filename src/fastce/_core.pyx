@@ -182,9 +182,14 @@ def _exp(x):
 
 # ------------------------------------------------------------------ checks
 
+cdef object _F32 = np.dtype(np.float32)
+cdef object _F64 = np.dtype(np.float64)
+cdef object _I64 = np.dtype(np.int64)
+
 cdef object _as_logits(logits, str name="logits"):
     a = logits if type(logits) is np.ndarray else np.asarray(logits)
-    if a.dtype != np.float32 and a.dtype != np.float64:
+    dt = a.dtype
+    if dt is not _F32 and dt is not _F64 and dt != _F32 and dt != _F64:
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {a.dtype}")
     if a.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension (the classes), got a 0-d array")
@@ -204,7 +209,18 @@ cdef tuple _layout(object a, int axis, bint allow_copy):
     layout (class axis contiguous, the other axes collapsed to one stride) is
     preferred; then the C-contiguous columns layout. Costs at most one copy;
     with allow_copy False, returns None where a copy would be needed."""
-    cdef Py_ssize_t isz = a.itemsize
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef int nd = cnp.PyArray_NDIM(arr)
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(arr)
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(arr)
+    cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(arr)
+    cdef cnp.npy_intp rs
+    # fast path, (C,) or (N, C) with contiguous classes: no new array at all
+    if axis == nd - 1 and nd <= 2 and cnp.PyArray_ISALIGNED(arr) and (
+            dims[axis] == 1 or strides[axis] == isz):
+        rs = strides[0] if nd == 2 else dims[0] * isz
+        if rs % isz == 0:
+            return (a, True, dims[0] if nd == 2 else 1, dims[axis], 1, rs // isz, 1)
     shape = a.shape
     cdef int64_t C = shape[axis]
     cdef int64_t outer = 1, inner = 1
@@ -397,7 +413,10 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
             if big.any():
                 pos = int(np.flatnonzero(big.ravel())[0])
                 _raise_bad_target(int(t.ravel()[pos]), pos, t.shape, C)
-        tt = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+        if t.dtype is _I64 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>t):
+            tt = t
+        else:
+            tt = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
         job.target = <const int64_t *>cnp.PyArray_DATA(<cnp.ndarray>tt)
         job.prob = NULL
     job.ignore_index = ignore_index
