@@ -525,8 +525,8 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     >>> logits = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
     >>> print(fastce.cross_entropy(logits, np.array([0, 1])))
     0.3185397696491857
-    >>> print(float(fastce.cross_entropy(logits.astype(np.float32), np.array([0, 1]))))
-    0.3185397684574127
+    >>> fastce.cross_entropy(logits.astype(np.float32), np.array([0, 1])).dtype
+    dtype('float32')
     >>> fastce.cross_entropy(logits, np.array([0, 1]), reduction="none")
     array([0.41703002, 0.22004952])
     >>> print(fastce.cross_entropy(logits, np.array([0, -100])))
