@@ -12,6 +12,7 @@ import numpy as np
 
 cimport numpy as cnp
 from libc.stdint cimport int64_t
+from libc.string cimport memset
 
 cnp.import_array()
 
@@ -287,9 +288,79 @@ cdef int _run(fce_job *job, bint f32) except -1:
 
 # ------------------------------------------------------------ cross entropy
 
+cdef bint _extents_overlap(cnp.ndarray a, cnp.ndarray b):
+    """Whether the memory spans of a and b intersect (a cheap, conservative test)."""
+    cdef char *lo[2]
+    cdef char *hi[2]
+    cdef cnp.ndarray arr
+    cdef int i, d
+    for i in range(2):
+        arr = a if i == 0 else b
+        lo[i] = hi[i] = <char *>cnp.PyArray_DATA(arr)
+        if cnp.PyArray_SIZE(arr) == 0:
+            return False
+        for d in range(cnp.PyArray_NDIM(arr)):
+            if cnp.PyArray_STRIDES(arr)[d] < 0:
+                lo[i] += cnp.PyArray_STRIDES(arr)[d] * (cnp.PyArray_DIMS(arr)[d] - 1)
+            else:
+                hi[i] += cnp.PyArray_STRIDES(arr)[d] * (cnp.PyArray_DIMS(arr)[d] - 1)
+        hi[i] += cnp.PyArray_ITEMSIZE(arr)
+    return lo[0] < hi[1] and lo[1] < hi[0]
+
+cdef object _fast_loss(logits, target, ignore_index, reduction, label_smoothing, n_threads):
+    """The common call, checked and run with no new array: (N, C) float logits with
+    contiguous classes, contiguous int64 targets (N,), no weight, no smoothing,
+    mean or sum. Returns None when the call is not of that kind."""
+    cdef fce_job job
+    cdef cnp.ndarray x, t
+    cdef int red
+    if type(logits) is not np.ndarray or type(target) is not np.ndarray:
+        return None
+    x = <cnp.ndarray>logits
+    t = <cnp.ndarray>target
+    dt = x.dtype
+    if dt is not _F32 and dt is not _F64:
+        return None
+    if reduction == "mean":
+        red = FCE_REDUCE_MEAN
+    elif reduction == "sum":
+        red = FCE_REDUCE_SUM
+    else:
+        return None
+    if (cnp.PyArray_NDIM(x) != 2 or cnp.PyArray_NDIM(t) != 1 or t.dtype is not _I64
+            or n_threads is not None or type(ignore_index) is not int
+            or type(label_smoothing) is not float or label_smoothing != 0.0
+            or not cnp.PyArray_ISALIGNED(x) or not cnp.PyArray_IS_C_CONTIGUOUS(t)):
+        return None
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x)
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(x)
+    cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(x)
+    if (dims[1] == 0 or cnp.PyArray_DIMS(t)[0] != dims[0] or strides[0] % isz != 0
+            or (strides[1] != isz and dims[1] != 1)
+            or not (-_INT64_MAX - 1 <= ignore_index <= _INT64_MAX)):
+        return None
+    memset(&job, 0, sizeof(job))
+    job.x = cnp.PyArray_DATA(x)
+    job.n_outer = dims[0]
+    job.n_classes = dims[1]
+    job.n_inner = 1
+    job.outer_stride = strides[0] // isz
+    job.class_stride = 1
+    job.inner_stride = 1
+    job.target = <const int64_t *>cnp.PyArray_DATA(t)
+    job.ignore_index = ignore_index
+    job.op = FCE_OP_LOSS
+    job.reduction = red
+    job.n_threads = _default_threads
+    if _run(&job, dt is _F32) == FCE_ERR_TARGET:
+        _raise_bad_target(job.bad_value, job.bad_position, target.shape, dims[1])
+    return dt.type(job.loss_reduced)
+
+
 cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
                            grad_output, out, bint want_grad, n_threads):
     cdef fce_job job
+    memset(&job, 0, sizeof(job))
     cdef object x = _as_logits(logits)
     dtype = x.dtype
     cdef bint f32 = dtype == np.float32
@@ -372,14 +443,15 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
             raise ValueError(f"out must have the logits' shape {x.shape}, got {o.shape}")
         if not o.flags.writeable:
             raise ValueError("out is read-only")
-        inplace = o is x or (o.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+        inplace = o is x or (cnp.PyArray_DATA(<cnp.ndarray>o) == cnp.PyArray_DATA(<cnp.ndarray>x)
                              and o.strides == x.strides)
         if inplace:
             if not (x.flags.c_contiguous and x.flags.aligned):
                 raise ValueError("out=logits (in place) needs C-contiguous logits")
         else:
             for other, name in ((x, "logits"), (t, "target"), (w, "weight"), (go, "grad_output")):
-                if other is not None and np.shares_memory(o, other):
+                if (other is not None and _extents_overlap(<cnp.ndarray>o, <cnp.ndarray>other)
+                        and np.shares_memory(o, other)):
                     raise ValueError(f"out overlaps {name}; pass a separate buffer "
                                      "(or out=logits itself to compute in place)")
 
@@ -532,6 +604,10 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     >>> print(fastce.cross_entropy(logits, np.array([0, -100])))
     0.4170300162778335
     """
+    if weight is None:
+        result = _fast_loss(logits, target, ignore_index, reduction, label_smoothing, n_threads)
+        if result is not None:
+            return result
     return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
                           None, None, False, n_threads)
 
@@ -584,6 +660,7 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
 
 cdef object _lse_op(logits, axis, int op, n_threads):
     cdef fce_job job
+    memset(&job, 0, sizeof(job))
     cdef object x = _as_logits(logits)
     dtype = x.dtype
     cdef int ndim = x.ndim
