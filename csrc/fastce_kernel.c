@@ -693,7 +693,64 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
     sample smp[G];
     T Kt[G], LSt[G], C1[G], C2[G];
     TI keep[G];
-    for (int64_t j = 0; j < J; j++) {
+    if (cx->op == FCE_OP_LOSS) {
+        /* the loss of L positions at a time, in double lanes; targets gathered per lane */
+        const fce_job *job = cx->job;
+        for (int v = 0; v < 4; v++) {
+            double a[L], xy[L], gs[L];
+            int64_t valid[L];
+            for (int64_t i = 0; i < L; i++) {
+                int64_t j = v * L + i;
+                a[i] = xy[i] = gs[i] = 0.0;
+                valid[i] = 0;
+                if (j < G) keep[j] = 0, Kt[j] = LSt[j] = C1[j] = C2[j] = 0;
+                if (j >= J || !sample_target(cx, s0 + j, &smp[j])) continue;
+                valid[i] = -1;
+                a[i] = smp[j].a;
+                if (cx->has_y) xy[i] = smp[j].xy = (double)x[smp[j].y * cs + j];
+                if (cx->want_out)
+                    gs[i] = cx->reduction != FCE_REDUCE_NONE ? cx->gscale
+                            : job->grad_output ? (double)((const T *)job->grad_output)[s0 + j]
+                                               : 1.0;
+            }
+            if (v >= nv) continue;
+            VD va, vxy, vls, vd, vq, vgs;
+            VL ok;
+            memcpy(&va, a, sizeof va);
+            memcpy(&vxy, xy, sizeof vxy);
+            memcpy(&vls, LS + v * L, sizeof vls);
+            memcpy(&ok, valid, sizeof ok);
+            VD vk = widen(k[v]);
+            VD loss = va * ((vk - vxy) + vls);
+            if (qmode != Q_NONE) {
+                memcpy(&vd, D + v * L, sizeof vd);
+                memcpy(&vq, Q + v * L, sizeof vq);
+                loss += cx->b * (vd + vq * vls);
+            }
+            loss = (VD)((VL)loss & ok);
+            for (int64_t i = 0; i < L && v * L + i < J; i++) {
+                int64_t j = v * L + i;
+                total += loss[i];
+                if (!valid[i]) continue;
+                if (job->loss_out) ((T *)job->loss_out)[s0 + j] = (T)loss[i];
+                if (!cx->want_out) continue;
+                keep[j] = -1;
+                smp[j].k = vk[i];
+                smp[j].ls = LS[j];
+                smp[j].gs = gs[i];
+                Kt[j] = (T)vk[i];
+                LSt[j] = (T)LS[j];
+            }
+            if (cx->want_out) {
+                memcpy(&vgs, gs, sizeof vgs);
+                if (qmode == Q_NONE) memcpy(&vq, Q + v * L, sizeof vq);
+                VD c1 = vgs * (va + cx->b * vq), c2 = vgs * cx->b;
+                for (int64_t i = 0; i < L && v * L + i < J; i++)
+                    if (valid[i]) C1[v * L + i] = (T)c1[i], C2[v * L + i] = (T)c2[i];
+            }
+        }
+    }
+    for (int64_t j = 0; j < J && cx->op != FCE_OP_LOSS; j++) {
         fce_state st = {(double)m[j / L][j % L], S[j], D[j], Q[j]};
         keep[j] = 0;
         Kt[j] = LSt[j] = C1[j] = C2[j] = 0;
@@ -752,6 +809,72 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
         for (int64_t j = 0; j < J; j++)
             if (keep[j])
                 out[smp[j].y * ocs + j] = target_grad(cx, &smp[j], Q[j], (double)mass[j / L][j % L]);
+    return total;
+}
+
+/* V of p[idx[i]], i < L: a gather where the ISA has one (a transposition
+ * through memory would stall on store forwarding), else lane by lane. */
+static inline V gather(const T *p, const int32_t *idx)
+{
+#if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32
+    return (V)_mm512_i32gather_ps(_mm512_loadu_si512(idx), p, 4);
+#elif defined(__AVX512F__) && VB == 64
+    return (V)_mm512_i32gather_pd(_mm256_loadu_si256((const __m256i *)idx), p, 8);
+#elif defined(__AVX2__) && VB == 32 && FCE_DTYPE == 32
+    return (V)_mm256_i32gather_ps(p, _mm256_loadu_si256((const __m256i *)idx), 4);
+#elif defined(__AVX2__) && VB == 32
+    return (V)_mm256_i32gather_pd(p, _mm_loadu_si128((const __m128i *)idx), 8);
+#else
+    V v;
+    for (int64_t i = 0; i < L; i++) v[i] = p[idx[i]];
+    return v;
+#endif
+}
+
+/* The commonest small-C call, loss only with class-index targets and no
+ * smoothing: one vector lane per row, L rows at a time, no per-row state.
+ * Needs |outer_stride| * L to fit in int32 (the gather offsets). */
+static double rows_small_c_loss(const ctx *cx, int64_t r0, int64_t r1)
+{
+    const fce_job *job = cx->job;
+    const int64_t C = cx->C, rs = job->outer_stride;
+    V xc[FCE_SMALL_C];
+    int32_t idx[L];
+    double total = 0.0;
+    for (int64_t r = r0; r < r1; r += L) {
+        int64_t J = r1 - r < L ? r1 - r : L;
+        /* lanes past the last row repeat it; they are masked out below */
+        for (int64_t i = 0; i < L; i++) idx[i] = (int32_t)((i < J ? i : J - 1) * rs);
+        const T *xr = cx->x + r * rs;
+        V m = splat(-INFINITY), s = splat(0);
+        for (int64_t c = 0; c < C; c++) {
+            xc[c] = gather(xr + c, idx);
+            m = vmax(xc[c], m);
+        }
+        V k = select(m == -INFINITY, splat(0), m);
+        for (int64_t c = 0; c < C; c++) s += vexp(xc[c] - k);
+        double a[L], xy[L], ls[L];
+        int64_t valid[L];
+        for (int64_t i = 0; i < L; i++) {
+            int64_t y = i < J ? job->target[r + i] : job->ignore_index;
+            valid[i] = y != job->ignore_index ? -1 : 0;
+            a[i] = valid[i] ? cx->a0 * (cx->w ? (double)cx->w[y] : 1.0) : 0.0;
+            xy[i] = valid[i] ? (double)xr[i * rs + y] : 0.0;
+        }
+        VD sd = widen(s), va, vxy, vls;
+        VL ok;
+        memcpy(ls, &sd, sizeof ls);
+        vlogd(ls);
+        memcpy(&va, a, sizeof va);
+        memcpy(&vxy, xy, sizeof vxy);
+        memcpy(&vls, ls, sizeof vls);
+        memcpy(&ok, valid, sizeof ok);
+        VD loss = (VD)((VL)(va * ((widen(k) - vxy) + vls)) & ok);
+        for (int64_t i = 0; i < J; i++) {
+            total += loss[i];
+            if (job->loss_out) ((T *)job->loss_out)[r + i] = (T)loss[i];
+        }
+    }
     return total;
 }
 
@@ -816,7 +939,11 @@ static void item_rows(const ctx *cx, int64_t it, int tid)
     int64_t N = cx->job->n_outer;
     int64_t r0 = it * cx->per_item, r1 = r0 + cx->per_item < N ? r0 + cx->per_item : N;
     double acc = 0.0;
-    if (cx->C <= FCE_SMALL_C) {
+    const int64_t rs = cx->job->outer_stride;
+    if (cx->C <= FCE_SMALL_C && !cx->want_out && cx->has_y && cx->qmode == Q_NONE &&
+        (rs < 0 ? -rs : rs) <= INT32_MAX / L) {
+        acc = rows_small_c_loss(cx, r0, r1);
+    } else if (cx->C <= FCE_SMALL_C) {
         acc = rows_small_c(cx, r0, r1);
     } else {
         for (int64_t r = r0; r < r1; r++) acc += row_one(cx, r, ek);
