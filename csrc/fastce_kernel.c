@@ -840,7 +840,7 @@ static double rows_small_c_loss(const ctx *cx, int64_t r0, int64_t r1)
     const int64_t C = cx->C, rs = job->outer_stride;
     V xc[FCE_SMALL_C];
     int32_t idx[L];
-    double total = 0.0;
+    double total = 0.0, group = 0.0;
     for (int64_t r = r0; r < r1; r += L) {
         int64_t J = r1 - r < L ? r1 - r : L;
         /* lanes past the last row repeat it; they are masked out below */
@@ -871,9 +871,11 @@ static double rows_small_c_loss(const ctx *cx, int64_t r0, int64_t r1)
         memcpy(&ok, valid, sizeof ok);
         VD loss = (VD)((VL)(va * ((widen(k) - vxy) + vls)) & ok);
         for (int64_t i = 0; i < J; i++) {
-            total += loss[i];
+            group += loss[i];
             if (job->loss_out) ((T *)job->loss_out)[r + i] = (T)loss[i];
         }
+        /* summed by groups of G rows, exactly as rows_small_c does */
+        if ((r - r0 + L) % G == 0 || r + L >= r1) total += group, group = 0.0;
     }
     return total;
 }
