@@ -438,6 +438,8 @@ FCE_INLINE double write_run(const T *x, const T *ek, T f, T *out, int64_t n, int
         head = head ? L - head : 0;
         if (head > n) head = n;
         if (head) storen(out, WRITE_VEC(0, head), head);
+        total += widen(mass); /* the head's mass, even if no loop below runs */
+        mass = splat(0);
         i = head;
         while (i + L <= n) {
             int64_t end = i + 16 * L < n ? i + 16 * L : n;
@@ -592,7 +594,9 @@ static double write_row_kept(const ctx *cx, const T *x, const T *ek, const doubl
     for (int64_t b0 = 0; b0 < n; b0 += BLK) {
         int64_t len = n - b0 < BLK ? n - b0 : BLK;
         double m = bm[b0 / BLK];
-        T f = m == -INFINITY ? 0 : (T)exp(fce_shift(m) - lse); /* <= 1 */
+        /* <= 1; a block of -inf next to finite logits contributes exactly 0 (not
+         * 0 * exp(huge)), while a row of -inf or NaN gives NaN as torch does */
+        T f = m == -INFINITY && isfinite(lse) ? 0 : (T)exp(fce_shift(m) - lse);
         mass += write_range_any(cx, x + b0, ek + b0, f, out + b0, len, skip - b0,
                                 w ? w + b0 : w, p ? p + b0 : p, (T)smp->k, (T)smp->ls, c1, c2);
     }
@@ -1078,6 +1082,10 @@ int EXPORT(fce_run)(fce_job *job)
         } else {
             return FCE_ERR_ARG;
         }
+    }
+    if (n_samples == 0) {
+        job->loss_reduced = job->reduction == FCE_REDUCE_MEAN ? NAN : 0.0;
+        return FCE_OK;
     }
     const int rows = D == 1 && job->class_stride == 1;
     const int cols = !rows && job->inner_stride == 1;

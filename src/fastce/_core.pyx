@@ -108,7 +108,7 @@ cdef int _threads(n_threads) except -1:
         raise TypeError(f"n_threads must be a positive int or None, got {n_threads!r}")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")
-    return min(int(n_threads), 1 << 16)
+    return min(int(n_threads), 1024)  # more is oversubscription without end
 
 
 # ------------------------------------------------------------ instruction sets
@@ -229,10 +229,13 @@ cdef tuple _layout(object a, int axis, bint allow_copy):
         outer *= d
     for d in shape[axis + 1:]:
         inner *= d
+    if outer * inner * C == 0:
+        # nothing to read or write: any base of the right dtype will do
+        return (np.empty((outer * inner, C), dtype=a.dtype), True, outer * inner, C, 1, C, 1)
     if not a.flags.aligned:
         if not allow_copy:
             return None
-        a = np.ascontiguousarray(a)
+        a = np.array(a, order="C")  # a fresh array is aligned; ascontiguousarray may not be
     if C == 1 or a.strides[axis] == isz:
         moved = np.moveaxis(a, axis, -1) if axis != a.ndim - 1 else a
         m = moved.reshape(outer * inner, C)
@@ -445,15 +448,15 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
             raise ValueError("out is read-only")
         inplace = o is x or (cnp.PyArray_DATA(<cnp.ndarray>o) == cnp.PyArray_DATA(<cnp.ndarray>x)
                              and o.strides == x.strides)
-        if inplace:
-            if not (x.flags.c_contiguous and x.flags.aligned):
-                raise ValueError("out=logits (in place) needs C-contiguous logits")
-        else:
-            for other, name in ((x, "logits"), (t, "target"), (w, "weight"), (go, "grad_output")):
-                if (other is not None and _extents_overlap(<cnp.ndarray>o, <cnp.ndarray>other)
-                        and np.shares_memory(o, other)):
-                    raise ValueError(f"out overlaps {name}; pass a separate buffer "
-                                     "(or out=logits itself to compute in place)")
+        if inplace and not (x.flags.c_contiguous and x.flags.aligned):
+            raise ValueError("out=logits (in place) needs C-contiguous logits")
+        for other, name in ((x, "logits"), (t, "target"), (w, "weight"), (go, "grad_output")):
+            if inplace and other is x:
+                continue
+            if (other is not None and _extents_overlap(<cnp.ndarray>o, <cnp.ndarray>other)
+                    and np.shares_memory(o, other)):
+                raise ValueError(f"out overlaps {name}; pass a separate buffer "
+                                 "(or out=logits itself to compute in place)")
 
     # layouts: logits first, the others follow its kind
     lay = _layout(x, axis, True)
@@ -514,7 +517,13 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
     if want_grad:
         glay = None
         if o is not None:
-            glay = lay if inplace else _layout(o, axis, False)
+            # in place only if the kernel reads the logits themselves (not a copy)
+            if inplace and cnp.PyArray_DATA(<cnp.ndarray>lay[0]) == cnp.PyArray_DATA(<cnp.ndarray>x):
+                glay = lay
+            else:
+                glay = _layout(o, axis, False)
+                if glay is not None and inplace:
+                    glay = None  # o is x: write a fresh gradient, copy it in after
             if glay is not None and glay[1] == rows:
                 g = o
         if g is None:
