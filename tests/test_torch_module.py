@@ -51,6 +51,17 @@ def _sample_shape(shape):
     return shape[:1] + shape[2:] if len(shape) > 1 else ()
 
 
+def _torch_args(x, t, kw, reduction):
+    """Tensors and options for ft.cross_entropy / F.cross_entropy from a case."""
+    xt = torch.tensor(x, requires_grad=True)
+    tt = torch.tensor(t)
+    wt = None if "weight" not in kw else torch.tensor(kw["weight"])
+    opts = dict(ignore_index=kw.get("ignore_index", -100),
+                reduction=reduction,
+                label_smoothing=kw.get("label_smoothing", 0.0))
+    return xt, tt, wt, opts
+
+
 def _make(opt, shape, tdtype, seed_key):
     name, case_kw, loss_kw = opt
     rng = np.random.default_rng(zlib.crc32(repr(seed_key).encode()))
@@ -74,12 +85,7 @@ def test_values_and_grads_match_torch(opt, shape, reduction, tdtype):
         pytest.skip("custom ignore_index is not a class here")
     x, t, kw, go = _make(opt, shape, tdtype, (opt[0], shape, reduction,
                                                str(tdtype)))
-    xt = torch.tensor(x, requires_grad=True)
-    tt = torch.tensor(t)
-    wt = None if "weight" not in kw else torch.tensor(kw["weight"])
-    opts = dict(ignore_index=kw.get("ignore_index", -100),
-                reduction=reduction,
-                label_smoothing=kw.get("label_smoothing", 0.0))
+    xt, tt, wt, opts = _torch_args(x, t, kw, reduction)
     loss = ft.cross_entropy(xt, tt, wt, **opts)
     assert loss.dtype == tdtype
     ref = F.cross_entropy(xt, tt, wt, **opts)
@@ -135,12 +141,7 @@ def test_gradcheck(case):
     name, shape, case_kw, loss_kw, reduction = case
     x, t, kw, _ = _make((name, case_kw, loss_kw), shape, torch.float64,
                         name)
-    xt = torch.tensor(x, requires_grad=True)
-    tt = torch.tensor(t)
-    wt = None if "weight" not in kw else torch.tensor(kw["weight"])
-    opts = dict(ignore_index=kw.get("ignore_index", -100),
-                reduction=reduction,
-                label_smoothing=kw.get("label_smoothing", 0.0))
+    xt, tt, wt, opts = _torch_args(x, t, kw, reduction)
     assert torch.autograd.gradcheck(
         lambda z: ft.cross_entropy(z, tt, wt, **opts), (xt,))
 

@@ -275,6 +275,12 @@ cdef void _set_geometry(fce_job *job, tuple lay):
     job.class_stride = lay[6]
     job.inner_stride = 1
 
+cdef void _set_grad_geometry(fce_job *job, tuple glay):
+    job.grad = cnp.PyArray_DATA(<cnp.ndarray>glay[0])
+    job.grad_outer_stride = glay[5]
+    job.grad_class_stride = glay[6]
+    job.grad_inner_stride = 1
+
 cdef int _run(fce_job *job, bint f32) except -1:
     cdef int status
     with nogil:
@@ -330,8 +336,13 @@ cdef object _fast_loss(logits, target, ignore_index, reduction, label_smoothing,
         red = FCE_REDUCE_SUM
     else:
         return None
+    cdef int nt = _default_threads
+    if n_threads is not None:
+        if type(n_threads) is not int or n_threads < 1 or n_threads > 1024:
+            return None
+        nt = n_threads
     if (cnp.PyArray_NDIM(x) != 2 or cnp.PyArray_NDIM(t) != 1 or t.dtype is not _I64
-            or n_threads is not None or type(ignore_index) is not int
+            or type(ignore_index) is not int
             or type(label_smoothing) is not float or label_smoothing != 0.0
             or not cnp.PyArray_ISALIGNED(x) or not cnp.PyArray_IS_C_CONTIGUOUS(t)):
         return None
@@ -354,7 +365,7 @@ cdef object _fast_loss(logits, target, ignore_index, reduction, label_smoothing,
     job.ignore_index = ignore_index
     job.op = FCE_OP_LOSS
     job.reduction = red
-    job.n_threads = _default_threads
+    job.n_threads = nt
     if _run(&job, dt is _F32) == FCE_ERR_TARGET:
         _raise_bad_target(job.bad_value, job.bad_position, target.shape, dims[1])
     return dt.type(job.loss_reduced)
@@ -530,10 +541,7 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
             gtarget = o
             g = _empty_like_layout(lay, x.shape, axis, dtype)
             glay = _layout(g, axis, False)
-        job.grad = cnp.PyArray_DATA(<cnp.ndarray>glay[0])
-        job.grad_outer_stride = glay[5]
-        job.grad_class_stride = glay[6]
-        job.grad_inner_stride = 1
+        _set_grad_geometry(&job, glay)
 
     if _run(&job, f32) == FCE_ERR_TARGET:
         _raise_bad_target(job.bad_value, job.bad_position, t.shape, C)
@@ -705,10 +713,7 @@ cdef object _lse_op(logits, axis, int op, n_threads):
     else:
         res = _empty_like_layout(lay, x.shape, ax, dtype)
         glay = _layout(res, ax, False)
-        job.grad = cnp.PyArray_DATA(<cnp.ndarray>glay[0])
-        job.grad_outer_stride = glay[5]
-        job.grad_class_stride = glay[6]
-        job.grad_inner_stride = 1
+        _set_grad_geometry(&job, glay)
     _run(&job, dtype == np.float32)
     if op == FCE_OP_LOGSUMEXP and ndim == 1:
         return dtype.type(res[()])
