@@ -917,25 +917,33 @@ static double rows_small_c(const ctx *cx, int64_t r0, int64_t r1)
 
 typedef void (*item_fn)(const ctx *cx, int64_t it, int tid);
 
-/* Run fn on items 0..n-1 (tid: the thread's number, for its scratch); results
- * go to per-item slots, so the order of completion (and the thread count) never
- * changes a result. */
-static void for_items(int nt, int64_t n, item_fn fn, const ctx *cx)
+/* Run fn on items first..last-1 (tid: the thread's number, for its scratch);
+ * results go to per-item slots, so the order of completion (and the thread
+ * count) never changes a result. `fixed`: a static schedule, so two calls over
+ * the same items give each thread the same items (its L2 still holds them). */
+static void for_items(int nt, int64_t first, int64_t last, int fixed, item_fn fn,
+                      const ctx *cx)
 {
 #ifdef _OPENMP
+    if (nt > 1 && fixed) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+        for (int64_t it = first; it < last; it++) fn(cx, it, omp_get_thread_num());
+        return;
+    }
     if (nt > 1) {
 #pragma omp parallel num_threads(nt)
         {
             int tid = omp_get_thread_num();
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t it = 0; it < n; it++) fn(cx, it, tid);
+            for (int64_t it = first; it < last; it++) fn(cx, it, tid);
         }
         return;
     }
 #else
     (void)nt;
+    (void)fixed;
 #endif
-    for (int64_t it = 0; it < n; it++) fn(cx, it, 0);
+    for (int64_t it = first; it < last; it++) fn(cx, it, 0);
 }
 
 /* rows layout, C <= SEG: rows [it*per_item, ...) */
@@ -1017,6 +1025,21 @@ static void item_cols(const ctx *cx, int64_t it, int tid)
                           job->grad_class_stride, J, n * D + j);
     }
     cx->partials[it] = acc;
+}
+
+/* rows layout, C > SEG: merge row r's segment states in order, finish the row
+ * (its loss goes to the partial of its first segment) */
+static void finish_long_row(ctx *cx, int64_t r)
+{
+    const fce_job *job = cx->job;
+    sample *smp = &cx->smps[r];
+    fce_state *st = &cx->states[r * cx->nseg];
+    for (int64_t i = 1; i < cx->nseg; i++) fce_state_merge(st, &st[i]);
+    cx->partials[r * cx->nseg] = 0.0;
+    if (!sample_target(cx, r, smp)) return;
+    if (cx->has_y) smp->xy = (double)cx->x[r * job->outer_stride + smp->y];
+    cx->partials[r * cx->nseg] =
+        finish_sample(cx, r, st, log(st->s), smp, cx->x + r * job->outer_stride, 1);
 }
 
 /* Check the targets of samples [s0, s1): the first bad one is reported
@@ -1157,23 +1180,23 @@ int EXPORT(fce_run)(fce_job *job)
         goto done;
     }
 
-    for_items(nt, n_items, fn, &cx);
-    if (fn == item_segment_stats) {
-        /* merge each row's segment states in order; finish the row */
-        for (int64_t r = 0; r < N; r++) {
-            sample *smp = &cx.smps[r];
-            fce_state *st = &cx.states[r * cx.nseg];
-            for (int64_t i = 1; i < cx.nseg; i++) fce_state_merge(st, &st[i]);
-            cx.partials[r * cx.nseg] = 0.0;
-            if (!sample_target(&cx, r, smp)) continue;
-            if (cx.has_y) smp->xy = (double)cx.x[r * job->outer_stride + smp->y];
-            cx.partials[r * cx.nseg] =
-                finish_sample(&cx, r, st, log(st->s), smp, cx.x + r * job->outer_stride, 1);
-        }
-        if (cx.want_out) {
-            for_items(nt, n_items, item_segment_write, &cx);
+    if (fn != item_segment_stats) {
+        for_items(nt, 0, n_items, 0, fn, &cx);
+    } else if (!cx.want_out) {
+        for_items(nt, 0, n_items, 0, fn, &cx);
+        for (int64_t r = 0; r < N; r++) finish_long_row(&cx, r);
+    } else {
+        /* With an output, a few rows at a time (about one segment per thread):
+         * the write pass finds its segment still in the L2 of the thread that
+         * read it (same static schedule), instead of reading it from memory again. */
+        int64_t group = nt > cx.nseg ? nt / cx.nseg : 1;
+        for (int64_t r0 = 0; r0 < N; r0 += group) {
+            int64_t r1 = r0 + group < N ? r0 + group : N;
+            for_items(nt, r0 * cx.nseg, r1 * cx.nseg, 1, item_segment_stats, &cx);
+            for (int64_t r = r0; r < r1; r++) finish_long_row(&cx, r);
+            for_items(nt, r0 * cx.nseg, r1 * cx.nseg, 1, item_segment_write, &cx);
             /* after every segment is written (out may alias x) */
-            for (int64_t r = 0; r < N && cx.has_y && cx.op == FCE_OP_LOSS; r++) {
+            for (int64_t r = r0; r < r1 && cx.has_y && cx.op == FCE_OP_LOSS; r++) {
                 if (cx.smps[r].ignored) continue;
                 double others = 0.0;
                 for (int64_t i = 0; i < cx.nseg; i++) others += cx.mass[r * cx.nseg + i];
