@@ -129,24 +129,17 @@ CE_INDEX_ERRORS = [
 ]
 
 
-def _params(cases):
-    return [pytest.param(make, id=name) for name, make in cases]
+def _params(cases, exc):
+    return [pytest.param(make, exc, id=f"{exc.__name__}-{name}") for name, make in cases]
 
 
 @pytest.mark.parametrize("mod", MODULES)
 @pytest.mark.parametrize("fn", CE_FUNCTIONS)
-@pytest.mark.parametrize("make", _params(CE_TYPE_ERRORS))
-def test_cross_entropy_type_errors(mod, fn, make):
+@pytest.mark.parametrize("make,exc", _params(CE_TYPE_ERRORS, TypeError) +
+                         _params(CE_VALUE_ERRORS, ValueError))
+def test_cross_entropy_type_and_value_errors(mod, fn, make, exc):
     args, kwargs = make()
-    _raises(getattr(mod, fn), args, kwargs, TypeError)
-
-
-@pytest.mark.parametrize("mod", MODULES)
-@pytest.mark.parametrize("fn", CE_FUNCTIONS)
-@pytest.mark.parametrize("make", _params(CE_VALUE_ERRORS))
-def test_cross_entropy_value_errors(mod, fn, make):
-    args, kwargs = make()
-    _raises(getattr(mod, fn), args, kwargs, ValueError)
+    _raises(getattr(mod, fn), args, kwargs, exc)
 
 
 @pytest.mark.parametrize("mod", MODULES)
@@ -246,24 +239,13 @@ OUT_IS_LOGITS_ERRORS = [
 
 
 @pytest.mark.parametrize("mod", MODULES)
-@pytest.mark.parametrize("make", _params(GRAD_TYPE_ERRORS))
-def test_with_grad_type_errors(mod, make):
+@pytest.mark.parametrize("make,exc", _params(GRAD_TYPE_ERRORS, TypeError) +
+                         _params(GRAD_VALUE_ERRORS, ValueError) +
+                         # out=logits needs writable C-contiguous logits
+                         _params(OUT_IS_LOGITS_ERRORS, ValueError))
+def test_with_grad_errors(mod, make, exc):
     args, kwargs = make()
-    _raises(mod.cross_entropy_with_grad, args, kwargs, TypeError)
-
-
-@pytest.mark.parametrize("mod", MODULES)
-@pytest.mark.parametrize("make", _params(GRAD_VALUE_ERRORS))
-def test_with_grad_value_errors(mod, make):
-    args, kwargs = make()
-    _raises(mod.cross_entropy_with_grad, args, kwargs, ValueError)
-
-
-@pytest.mark.parametrize("mod", MODULES)
-@pytest.mark.parametrize("make", _params(OUT_IS_LOGITS_ERRORS))
-def test_out_is_logits_needs_writable_c_contiguous_logits(mod, make):
-    args, kwargs = make()
-    _raises(mod.cross_entropy_with_grad, args, kwargs, ValueError)
+    _raises(mod.cross_entropy_with_grad, args, kwargs, exc)
 
 
 @pytest.mark.parametrize("mod", MODULES)
