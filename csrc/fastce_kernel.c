@@ -180,64 +180,56 @@ FCE_INLINE void vlogd(double *inout)
  * with n rounded by the 1.5*2^mant trick; exp(r) by a polynomial; 2^n built in
  * the exponent bits. Results below the smallest normal number are flushed to
  * exactly 0 (denormals take a microcode slow path); -inf gives 0, NaN gives NaN. */
-#define EXP_F32_BODY(VT, IT, x, out)                                                 \
-    const float magic = 12582912.0f; /* 1.5 * 2^23 */                          \
-    const float log2e = 1.44269504088896341f;                                  \
-    const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;               \
-    const float x_min = -87.3365447505531f; /* log(FLT_MIN) */                 \
-    VT t = x * log2e + magic;                                                  \
-    VT n = t - magic;                                                          \
-    VT r = x - n * ln2_hi;                                                     \
-    r = r - n * ln2_lo;                                                        \
-    /* Cephes expf polynomial: exp(r) = 1 + r + r^2 P(r) */                    \
-    VT p = (VT){0} + 1.9875691500e-4f;                                         \
-    p = p * r + 1.3981999507e-3f;                                              \
-    p = p * r + 8.3334519073e-3f;                                              \
-    p = p * r + 4.1665795894e-2f;                                              \
-    p = p * r + 1.6666665459e-1f;                                              \
-    p = p * r + 5.0000001201e-1f;                                              \
-    p = p * (r * r) + r + 1.0f;                                                \
-    IT e = ((IT)t - (IT)((VT){0} + magic) + 127) << 23;                        \
-    VT y = p * (VT)e;                                                          \
-    out = (VT)((IT)y & ~(IT)(x < x_min));
-
-#define EXP_F64_BODY(VT, IT, x, out)                                                 \
-    const double magic = 6755399441055744.0; /* 1.5 * 2^52 */                  \
-    const double log2e = 1.4426950408889634074;                                \
-    const double ln2_hi = 6.93147180369123816490e-01;                          \
-    const double ln2_lo = 1.90821492927058770002e-10;                          \
-    const double x_min = -708.396418532264106; /* log(DBL_MIN) */              \
-    VT t = x * log2e + magic;                                                  \
-    VT n = t - magic;                                                          \
-    VT r = x - n * ln2_hi;                                                     \
-    r = r - n * ln2_lo;                                                        \
-    /* Taylor to r^13: truncation < 4.1e-18 relative for |r| <= ln2/2 */       \
-    VT p = (VT){0} + 1.0 / 6227020800.0;                                       \
-    p = p * r + 1.0 / 479001600.0;                                             \
-    p = p * r + 1.0 / 39916800.0;                                              \
-    p = p * r + 1.0 / 3628800.0;                                               \
-    p = p * r + 1.0 / 362880.0;                                                \
-    p = p * r + 1.0 / 40320.0;                                                 \
-    p = p * r + 1.0 / 5040.0;                                                  \
-    p = p * r + 1.0 / 720.0;                                                   \
-    p = p * r + 1.0 / 120.0;                                                   \
-    p = p * r + 1.0 / 24.0;                                                    \
-    p = p * r + 1.0 / 6.0;                                                     \
-    p = p * r + 0.5;                                                           \
-    p = p * (r * r) + r + 1.0;                                                 \
-    IT e = ((IT)t - (IT)((VT){0} + magic) + 1023) << 52;                       \
-    VT y = p * (VT)e;                                                          \
-    out = (VT)((IT)y & ~(IT)(x < x_min));
-
 static inline V vexp(V x)
 {
-    V out;
 #if FCE_DTYPE == 32
-    EXP_F32_BODY(V, VI, x, out)
+    const float magic = 12582912.0f; /* 1.5 * 2^23 */
+    const float log2e = 1.44269504088896341f;
+    const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    const float x_min = -87.3365447505531f; /* log(FLT_MIN) */
+    V t = x * log2e + magic;
+    V n = t - magic;
+    V r = x - n * ln2_hi;
+    r = r - n * ln2_lo;
+    /* Cephes expf polynomial: exp(r) = 1 + r + r^2 P(r) */
+    V p = (V){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    VI e = ((VI)t - (VI)((V){0} + magic) + 127) << 23;
+    V y = p * (V)e;
+    return (V)((VI)y & ~(VI)(x < x_min));
 #else
-    EXP_F64_BODY(V, VI, x, out)
+    const double magic = 6755399441055744.0; /* 1.5 * 2^52 */
+    const double log2e = 1.4426950408889634074;
+    const double ln2_hi = 6.93147180369123816490e-01;
+    const double ln2_lo = 1.90821492927058770002e-10;
+    const double x_min = -708.396418532264106; /* log(DBL_MIN) */
+    V t = x * log2e + magic;
+    V n = t - magic;
+    V r = x - n * ln2_hi;
+    r = r - n * ln2_lo;
+    /* Taylor to r^13: truncation < 4.1e-18 relative for |r| <= ln2/2 */
+    V p = (V){0} + 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * (r * r) + r + 1.0;
+    VI e = ((VI)t - (VI)((V){0} + magic) + 1023) << 52;
+    V y = p * (V)e;
+    return (V)((VI)y & ~(VI)(x < x_min));
 #endif
-    return out;
 }
 
 /* ------------------------------------------------------------ the job */
