@@ -176,6 +176,55 @@ FCE_INLINE void vlogd(double *inout)
     memcpy(inout, &r, sizeof r);
 }
 
+#if FCE_DTYPE == 32
+/* log(s) in float lanes, without a division (the small-C loss path takes one per
+ * row): Cephes logf, s = 2^e m with m in [sqrt(1/2), sqrt(2)), a degree-9
+ * polynomial in m - 1; about 1 ulp. 0 gives -inf; inf and NaN pass through. */
+static inline V vlogf(V s)
+{
+    VI bits = (VI)s;
+    VI e = ((bits >> 23) & 0xff) - 126;
+    V m = (V)((bits & ~0x7f800000) | 0x3f000000); /* the mantissa, in [0.5, 1) */
+    VI small = m < 0.707106781186547524f;
+    e += small; /* small is -1 where true */
+    V x = (m + (V)((VI)m & small)) - 1.0f;
+    V z = x * x;
+    V y = (V){0} + 7.0376836292e-2f;
+    y = y * x - 1.1514610310e-1f;
+    y = y * x + 1.1676998740e-1f;
+    y = y * x - 1.2420140846e-1f;
+    y = y * x + 1.4249322787e-1f;
+    y = y * x - 1.6668057665e-1f;
+    y = y * x + 2.0000714765e-1f;
+    y = y * x - 2.4999993993e-1f;
+    y = y * x + 3.3333331174e-1f;
+    y = y * x * z;
+    V ef = __builtin_convertvector(e, V);
+    y += -2.12194440e-4f * ef;
+    y += -0.5f * z;
+    V r = (x + y) + 0.693359375f * ef;
+    VI zero = s == 0.0f, special = ~(s == s) | (s == INFINITY);
+    r = select(zero, splat(-INFINITY), r);
+    return select(special, s, r);
+}
+#endif
+
+/* log of L doubles in place, as precise as the dtype needs: float32 results take
+ * the division-free float log of the sums rounded to float (they are >= 1, so
+ * that rounding moves the log by < 6e-8), float64 the double one. Every path that
+ * finishes small-C samples uses this one, so their losses agree to the bit. */
+FCE_INLINE void log_lanes(double *inout)
+{
+#if FCE_DTYPE == 32
+    VD d;
+    memcpy(&d, inout, sizeof d);
+    d = widen(vlogf(__builtin_convertvector(d, V)));
+    memcpy(inout, &d, sizeof d);
+#else
+    vlogd(inout);
+#endif
+}
+
 /* exp(x) for x <= 0 (and NaN). Range reduction x = n ln2 + r, |r| <= ln2/2,
  * with n rounded by the 1.5*2^mant trick; exp(r) by a polynomial; 2^n built in
  * the exponent bits. Results below the smallest normal number are flushed to
@@ -685,7 +734,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
     /* finish each position (the logs four vectors at a time) */
     double total = 0.0, LS[G];
     memcpy(LS, S, sizeof LS);
-    for (int v = 0; v < nv; v++) vlogd(LS + v * L);
+    for (int v = 0; v < nv; v++) log_lanes(LS + v * L);
     sample smp[G];
     T Kt[G], LSt[G], C1[G], C2[G];
     TI keep[G];
@@ -842,13 +891,19 @@ static double rows_small_c_loss(const ctx *cx, int64_t r0, int64_t r1)
         /* lanes past the last row repeat it; they are masked out below */
         for (int64_t i = 0; i < L; i++) idx[i] = (int32_t)((i < J ? i : J - 1) * rs);
         const T *xr = cx->x + r * rs;
-        V m = splat(-INFINITY), s = splat(0);
+        V m = splat(-INFINITY);
         for (int64_t c = 0; c < C; c++) {
             xc[c] = gather(xr + c, idx);
             m = vmax(xc[c], m);
         }
         V k = select(m == -INFINITY, splat(0), m);
-        for (int64_t c = 0; c < C; c++) s += vexp(xc[c] - k);
+        /* the sums folded into double every 16 classes, as cols_group does */
+        VD sd = widen(splat(0));
+        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+            V s = splat(0);
+            for (int64_t c = c0; c < C && c < c0 + 16; c++) s += vexp(xc[c] - k);
+            sd += widen(s);
+        }
         double a[L], xy[L], ls[L];
         int64_t valid[L];
         for (int64_t i = 0; i < L; i++) {
@@ -857,13 +912,13 @@ static double rows_small_c_loss(const ctx *cx, int64_t r0, int64_t r1)
             a[i] = valid[i] ? cx->a0 * (cx->w ? (double)cx->w[y] : 1.0) : 0.0;
             xy[i] = valid[i] ? (double)xr[i * rs + y] : 0.0;
         }
-        VD sd = widen(s), va, vxy, vls;
+        VD va, vxy, vls;
         VL ok;
         memcpy(ls, &sd, sizeof ls);
-        vlogd(ls);
+        log_lanes(ls);
+        memcpy(&vls, ls, sizeof vls);
         memcpy(&va, a, sizeof va);
         memcpy(&vxy, xy, sizeof vxy);
-        memcpy(&vls, ls, sizeof vls);
         memcpy(&ok, valid, sizeof ok);
         VD loss = (VD)((VL)(va * ((widen(k) - vxy) + vls)) & ok);
         for (int64_t i = 0; i < J; i++) {
