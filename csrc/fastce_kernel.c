@@ -938,15 +938,34 @@ static double rows_small_c(const ctx *cx, int64_t r0, int64_t r1)
     const fce_job *job = cx->job;
     const int64_t C = cx->C;
     T xt[FCE_SMALL_C * G], pt[FCE_SMALL_C * G], gt[FCE_SMALL_C * G];
+    int32_t xi[G], pi[G];
     double total = 0.0;
+    const int64_t xs = job->outer_stride, ps = job->prob_outer_stride;
+    /* gathers (whole-vector stores into the tile, which cols_group's vector loads
+     * can forward) when the row offsets fit in int32; else element by element */
+    const int by_gather = (xs < 0 ? -xs : xs) <= INT32_MAX / G &&
+                          (!cx->p || (ps < 0 ? -ps : ps) <= INT32_MAX / G);
     for (int64_t r = r0; r < r1; r += G) {
         int64_t J = r1 - r < G ? r1 - r : G;
-        for (int64_t j = 0; j < J; j++) {
-            const T *xr = cx->x + (r + j) * job->outer_stride;
-            for (int64_t c = 0; c < C; c++) xt[c * G + j] = xr[c];
-            if (cx->p) {
-                const T *pr = cx->p + (r + j) * job->prob_outer_stride;
-                for (int64_t c = 0; c < C; c++) pt[c * G + j] = pr[c];
+        if (by_gather) {
+            /* lanes past the last row repeat it; cols_group ignores them */
+            for (int64_t j = 0; j < G; j++) {
+                xi[j] = (int32_t)((j < J ? j : J - 1) * xs);
+                pi[j] = (int32_t)((j < J ? j : J - 1) * ps);
+            }
+            for (int64_t c = 0; c < C; c++)
+                for (int64_t v = 0; v < G; v += L) {
+                    storeu(xt + c * G + v, gather(cx->x + r * xs + c, xi + v));
+                    if (cx->p) storeu(pt + c * G + v, gather(cx->p + r * ps + c, pi + v));
+                }
+        } else {
+            for (int64_t j = 0; j < J; j++) {
+                const T *xr = cx->x + (r + j) * xs;
+                for (int64_t c = 0; c < C; c++) xt[c * G + j] = xr[c];
+                if (cx->p) {
+                    const T *pr = cx->p + (r + j) * ps;
+                    for (int64_t c = 0; c < C; c++) pt[c * G + j] = pr[c];
+                }
             }
         }
         total += cols_group(cx, xt, G, pt, G, gt, G, J, r);
