@@ -18,7 +18,13 @@
  * with, for class-index targets y:  a = (1 - eps) w_y, b = eps / C, q_c = w_c (or 1)
  *      for probability targets p:   a = 0,             b = 1,       q_c = w_c ((1-eps) p_c + eps/C)
  * and its gradient d loss / d x_c = (a + b q) softmax_c - a [c == y] - b q_c,
- * where the target class uses expm1 in double: softmax_y - 1 cancels when p_y ~ 1.
+ * where the target class takes softmax_y - 1 as minus the other classes' softmax
+ * mass when p_y > 1/2 (expm1 in double otherwise): the difference cancels there.
+ *
+ * The paths: rows of C > 32 (row_one: blocks of 4 KiB, pass 2's exps kept for the
+ * gradient), rows longer than 512 KiB (segments, states merged in a fixed order),
+ * C <= 32 (one vector lane per row: rows_small_c_loss, or gathered tiles through
+ * cols_group), and K-dim (N, C, D) inputs (cols_group, lanes across positions).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -30,9 +36,6 @@
 #endif
 #if defined(__x86_64__) && !defined(FCE_ISA_IS_SCALAR)
 #include <immintrin.h>
-#endif
-#if defined(__aarch64__) && !defined(FCE_ISA_IS_SCALAR)
-#include <arm_neon.h>
 #endif
 
 #ifndef FCE_DTYPE
