@@ -93,14 +93,40 @@ static inline void storeu(T *p, V v) { memcpy(p, &v, sizeof v); }
 static inline V loadn(const T *p, int64_t n, T fill)
 {
     if (n >= L) return loadu(p);
+    if (n <= 0) return splat(fill);
+#if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32
+    return (V)_mm512_mask_loadu_ps((__m512)splat(fill), (__mmask16)((1u << n) - 1), p);
+#elif defined(__AVX512F__) && VB == 64
+    return (V)_mm512_mask_loadu_pd((__m512d)splat(fill), (__mmask8)((1u << n) - 1), p);
+#elif defined(__AVX2__) && VB == 32 && FCE_DTYPE == 32
+    __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return (V)_mm256_blendv_ps((__m256)splat(fill), _mm256_maskload_ps(p, m), (__m256)m);
+#elif defined(__AVX2__) && VB == 32
+    __m256i m = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+    return (V)_mm256_blendv_pd((__m256d)splat(fill), _mm256_maskload_pd(p, m), (__m256d)m);
+#else
     V v = splat(fill);
     for (int64_t i = 0; i < n; i++) v[i] = p[i];
     return v;
+#endif
 }
 static inline void storen(T *p, V v, int64_t n)
 {
     if (n >= L) { storeu(p, v); return; }
+    if (n <= 0) return;
+#if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
+#elif defined(__AVX512F__) && VB == 64
+    _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1), (__m512d)v);
+#elif defined(__AVX2__) && VB == 32 && FCE_DTYPE == 32
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n),
+                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), (__m256)v);
+#elif defined(__AVX2__) && VB == 32
+    _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)),
+                        (__m256d)v);
+#else
     for (int64_t i = 0; i < n; i++) p[i] = v[i];
+#endif
 }
 static inline V select(VI mask, V a, V b) { return (V)(((VI)a & mask) | ((VI)b & ~mask)); }
 
@@ -124,21 +150,27 @@ static inline V vmax(V a, V b)
 #endif
 }
 
+/* horizontal max and sum as trees over halves (short dependency chains; the
+ * order is fixed, so results do not depend on anything but the data) */
 static inline T hmax(V v)
 {
-    T r = v[0];
-    for (int64_t i = 1; i < L; i++) r = v[i] > r ? v[i] : r;
-    return r;
+    T a[L];
+    memcpy(a, &v, sizeof a);
+    for (int64_t w = L / 2; w > 0; w /= 2)
+        for (int64_t i = 0; i < w; i++) a[i] = a[i + w] > a[i] ? a[i + w] : a[i];
+    return a[0];
 }
 /* macros, not functions: VD may be wider than the ISA's registers, and passing
  * it by value would be an ABI matter (-Wpsabi) */
 #define widen(v) __builtin_convertvector((v), VD)
-#define HSUMD(v, out)                                          \
-    do {                                                       \
-        double hsum_r_ = 0.0;                                  \
-        for (int64_t hsum_i_ = 0; hsum_i_ < L; hsum_i_++)      \
-            hsum_r_ += (v)[hsum_i_];                           \
-        (out) = hsum_r_;                                       \
+#define HSUMD(v, out)                                                  \
+    do {                                                               \
+        double hsum_a_[L];                                             \
+        memcpy(hsum_a_, &(v), sizeof hsum_a_);                         \
+        for (int64_t hsum_w_ = L / 2; hsum_w_ > 0; hsum_w_ /= 2)       \
+            for (int64_t hsum_i_ = 0; hsum_i_ < hsum_w_; hsum_i_++)    \
+                hsum_a_[hsum_i_] += hsum_a_[hsum_i_ + hsum_w_];        \
+        (out) = hsum_a_[0];                                            \
     } while (0)
 
 /* log(s) for L doubles at once (s >= 0, inf, NaN): the columns path takes one
@@ -235,7 +267,9 @@ FCE_INLINE void log_lanes(double *inout)
 static inline V vexp(V x)
 {
 #if FCE_DTYPE == 32
-    const float magic = 12582912.0f; /* 1.5 * 2^23 */
+    /* magic = 1.5 * 2^23 + 127: t's low mantissa bits hold n + 127, the biased
+     * exponent of 2^n, so t's bits shifted left by 23 are those of 2^n */
+    const float magic = 12582912.0f + 127.0f;
     const float log2e = 1.44269504088896341f;
     const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
     const float x_min = -87.3365447505531f; /* log(FLT_MIN) */
@@ -243,19 +277,33 @@ static inline V vexp(V x)
     V n = t - magic;
     V r = x - n * ln2_hi;
     r = r - n * ln2_lo;
-    /* Cephes expf polynomial: exp(r) = 1 + r + r^2 P(r) */
-    V p = (V){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
+    /* exp(r) ~ 1 + r + r^2 (c2 + c3 r + c4 r^2 + c5 r^3 + c6 r^4), c2..c6 fitted for
+     * least maximal relative error on |r| <= ln2/2 (truncation 3.9e-9). With FMA,
+     * Horner over the whole polynomial (6 FMAs; max error 0.89 ulp, exhaustive
+     * over [log(FLT_MIN), 0]); without, the same polynomial as 1 + r + r^2 q(r),
+     * whose last two roundings err less without FMA (0.99 ulp) */
+    const float c6 = 1.3871070696040988e-3f, c5 = 8.36954079568386e-3f,
+                c4 = 4.166741669178009e-2f, c3 = 1.6666512191295624e-1f,
+                c2 = 4.999999701976776e-1f;
+#if defined(__FMA__) || defined(__aarch64__) && !defined(FCE_ISA_IS_SCALAR)
+    /* (the variants built with -ffp-contract=fast: avx2, avx512, neon) */
+    V p = r * c6 + c5;
+    p = p * r + c4;
+    p = p * r + c3;
+    p = p * r + c2;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+#else
+    V p = r * c6 + c5;
+    p = p * r + c4;
+    p = p * r + c3;
+    p = p * r + c2;
     p = p * (r * r) + r + 1.0f;
-    VI e = ((VI)t - (VI)((V){0} + magic) + 127) << 23;
-    V y = p * (V)e;
+#endif
+    V y = p * (V)((VI)t << 23);
     return (V)((VI)y & ~(VI)(x < x_min));
 #else
-    const double magic = 6755399441055744.0; /* 1.5 * 2^52 */
+    const double magic = 6755399441055744.0 + 1023.0; /* 1.5 * 2^52 + 1023: as above */
     const double log2e = 1.4426950408889634074;
     const double ln2_hi = 6.93147180369123816490e-01;
     const double ln2_lo = 1.90821492927058770002e-10;
@@ -278,8 +326,7 @@ static inline V vexp(V x)
     p = p * r + 1.0 / 6.0;
     p = p * r + 0.5;
     p = p * (r * r) + r + 1.0;
-    VI e = ((VI)t - (VI)((V){0} + magic) + 1023) << 52;
-    V y = p * (V)e;
+    V y = p * (V)((VI)t << 52);
     return (V)((VI)y & ~(VI)(x < x_min));
 #endif
 }
@@ -647,34 +694,77 @@ static double write_row_kept(const ctx *cx, const T *x, const T *ek, const doubl
     return mass;
 }
 
-/* One whole row r (C <= SEG). Returns its loss. ek: scratch for C exps, or NULL. */
+/* log of one sum, the same function as the batched rows use (vlogd lane-wise),
+ * so a row's loss does not depend on whether it was finished alone or in a batch */
+static double row_log(double s)
+{
+    double a[L];
+    for (int64_t i = 0; i < L; i++) a[i] = s;
+    vlogd(a);
+    return a[0];
+}
+
+/* The state of row r (C <= SEG), or 0 if its target is ignored. ek: scratch for
+ * the row's exps (block maxima in bm), or NULL. */
+static int row_state(const ctx *cx, int64_t r, sample *smp, fce_state *st, T *ek, double *bm)
+{
+    const T *x = cx->x + r * cx->job->outer_stride;
+    if (!sample_target(cx, r, smp)) return 0;
+    if (cx->has_y) smp->xy = (double)x[smp->y];
+    range_stats_any(cx, x, cx->C, cx->w,
+                    cx->p ? cx->p + r * cx->job->prob_outer_stride : NULL, st, ek, bm);
+    return 1;
+}
+
+/* One whole row r (C <= SEG) with its output. Returns its loss. ek: scratch for
+ * C exps, or NULL. */
 static double row_one(const ctx *cx, int64_t r, T *ek)
 {
     const fce_job *job = cx->job;
     const T *x = cx->x + r * job->outer_stride;
     const T *p = cx->p ? cx->p + r * job->prob_outer_stride : NULL;
-    T *g = cx->g ? cx->g + r * job->grad_outer_stride : NULL;
+    T *g = cx->g + r * job->grad_outer_stride;
     sample smp;
-    if (!sample_target(cx, r, &smp)) {
-        if (g) memset(g, 0, (size_t)cx->C * sizeof(T));
-        return 0.0;
-    }
-    if (cx->has_y) smp.xy = (double)x[smp.y];
     fce_state st;
     double bm[SEG / BLK + 1];
-    range_stats_any(cx, x, cx->C, cx->w, p, &st, ek, bm);
-    double loss = finish_sample(cx, r, &st, log(st.s), &smp, x, 1);
-    if (g) {
-        double c1 = smp.gs * (smp.a + cx->b * st.q), c2 = smp.gs * cx->b;
-        int target = cx->has_y && cx->op == FCE_OP_LOSS;
-        int64_t skip = target ? smp.y : -1;
-        double others =
-            ek ? write_row_kept(cx, x, ek, bm, g, cx->C, skip, cx->w, p, &smp, (T)c1, (T)c2)
-               : write_range_any(cx, x, NULL, 0, g, cx->C, skip, cx->w, p, (T)smp.k,
-                                 (T)smp.ls, (T)c1, (T)c2);
-        if (target) g[smp.y] = target_grad(cx, &smp, st.q, others);
+    if (!row_state(cx, r, &smp, &st, ek, bm)) {
+        memset(g, 0, (size_t)cx->C * sizeof(T));
+        return 0.0;
     }
+    double loss = finish_sample(cx, r, &st, row_log(st.s), &smp, x, 1);
+    double c1 = smp.gs * (smp.a + cx->b * st.q), c2 = smp.gs * cx->b;
+    int target = cx->has_y && cx->op == FCE_OP_LOSS;
+    int64_t skip = target ? smp.y : -1;
+    double others =
+        ek ? write_row_kept(cx, x, ek, bm, g, cx->C, skip, cx->w, p, &smp, (T)c1, (T)c2)
+           : write_range_any(cx, x, NULL, 0, g, cx->C, skip, cx->w, p, (T)smp.k, (T)smp.ls,
+                             (T)c1, (T)c2);
+    if (target) g[smp.y] = target_grad(cx, &smp, st.q, others);
     return loss;
+}
+
+/* Rows [r0, r1) (C <= SEG) without an output: L rows' states, then one
+ * vectorised log for all of them. Returns the sum of their losses, in row order. */
+static double rows_no_output(const ctx *cx, int64_t r0, int64_t r1)
+{
+    double acc = 0.0;
+    for (int64_t r = r0; r < r1; r += L) {
+        int64_t J = r1 - r < L ? r1 - r : L;
+        sample smp[L];
+        fce_state st[L];
+        int kept[L];
+        double ls[L];
+        for (int64_t i = 0; i < L; i++) {
+            kept[i] = i < J && row_state(cx, r + i, &smp[i], &st[i], NULL, NULL);
+            ls[i] = kept[i] ? st[i].s : 1.0;
+        }
+        vlogd(ls);
+        for (int64_t i = 0; i < J; i++)
+            if (kept[i])
+                acc += finish_sample(cx, r + i, &st[i], ls[i], &smp[i],
+                                     cx->x + (r + i) * cx->job->outer_stride, 1);
+    }
+    return acc;
 }
 
 /* ------------------------------------- columns layout (K-dim, small C) */
@@ -1028,6 +1118,8 @@ static void item_rows(const ctx *cx, int64_t it, int tid)
         acc = rows_small_c_loss(cx, r0, r1);
     } else if (cx->C <= FCE_SMALL_C) {
         acc = rows_small_c(cx, r0, r1);
+    } else if (!cx->g) {
+        acc = rows_no_output(cx, r0, r1);
     } else {
         for (int64_t r = r0; r < r1; r++) acc += row_one(cx, r, ek);
     }
