@@ -300,8 +300,14 @@ static inline V vexp(V x)
     p = p * r + c2;
     p = p * (r * r) + r + 1.0f;
 #endif
+#if defined(__AVX512F__) && VB == 64
+    /* p * 2^n in one instruction, zero below x_min (and for -inf), NaN kept */
+    return (V)_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(x_min), _CMP_NLT_UQ),
+                                     (__m512)p, (__m512)n);
+#else
     V y = p * (V)((VI)t << 23);
     return (V)((VI)y & ~(VI)(x < x_min));
+#endif
 #else
     const double magic = 6755399441055744.0 + 1023.0; /* 1.5 * 2^52 + 1023: as above */
     const double log2e = 1.4426950408889634074;
@@ -326,8 +332,13 @@ static inline V vexp(V x)
     p = p * r + 1.0 / 6.0;
     p = p * r + 0.5;
     p = p * (r * r) + r + 1.0;
+#if defined(__AVX512F__) && VB == 64
+    return (V)_mm512_maskz_scalef_pd(_mm512_cmp_pd_mask((__m512d)x, _mm512_set1_pd(x_min), _CMP_NLT_UQ),
+                                     (__m512d)p, (__m512d)n);
+#else
     V y = p * (V)((VI)t << 52);
     return (V)((VI)y & ~(VI)(x < x_min));
+#endif
 #endif
 }
 
@@ -373,9 +384,9 @@ FCE_INLINE V qload(int qmode, const T *w, const T *p, int64_t n, T pa, T pb)
     return q;
 }
 
-/* The state of n contiguous classes (n <= BLK): pass 1 the max, pass 2 the rest. */
-FCE_INLINE void block_stats(const T *x, int64_t n, int qmode, const T *w, const T *p,
-                            T pa, T pb, fce_state *st, T *e_out)
+/* Pass 1 of a block: the max of n contiguous classes (NaN never wins), read
+ * from memory with a software prefetch ahead. */
+FCE_INLINE T block_max(const T *x, int64_t n)
 {
     V m0 = splat(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
     int64_t i = 0;
@@ -388,22 +399,43 @@ FCE_INLINE void block_stats(const T *x, int64_t n, int qmode, const T *w, const 
         m3 = vmax(loadu(x + i + 3 * L), m3);
     }
     for (; i < n; i += L) m0 = vmax(loadn(x + i, n - i, -INFINITY), m0);
-    T mb = hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
+    return hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
+}
+
+/* Pass 2 of a block of n <= BLK classes whose max mb is known: its state (and
+ * its exps in e_out). The block is in L1 after pass 1, so this is arithmetic;
+ * memory is kept busy meanwhile:
+ *  - with xn, pass 1 of the next block (nn classes at xn) runs in the same loop
+ *    (its loads, and a prefetch PF_BYTES ahead of them, overlap this block's
+ *    exps) and its max goes to *mn;
+ *  - without, the BLK elements after this block are prefetched. */
+FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, const T *w, const T *p,
+                           T pa, T pb, fce_state *st, T *e_out, const T *xn, int64_t nn,
+                           T *mn)
+{
     T k = mb == -INFINITY ? 0 : mb;
     V vk = splat(k);
+    V n0 = splat(-INFINITY), n1 = n0;
 
     /* float partial sums over runs of CHUNK vectors per lane, folded into
      * double: the float error stays that of a 16-term sum for any L */
     enum { CHUNK = 16 };
     VD sd = widen(splat(0)), dd = sd, qd = sd;
-    i = 0;
+    int64_t i = 0, covered = 0;
     while (i + 2 * L <= n) {
         int64_t end = i + CHUNK * 2 * L < n ? i + CHUNK * 2 * L : n;
         V s0 = splat(0), s1 = s0, q0 = s0;
         for (; i + 2 * L <= end; i += 2 * L) {
-            /* while this block is summed from L1, bring the next one in */
-            for (int64_t b = 0; b < 2 * VB; b += 64)
-                __builtin_prefetch((const char *)(x + i + BLK) + b);
+            if (!xn) {
+                for (int64_t b = 0; b < 2 * VB; b += 64)
+                    __builtin_prefetch((const char *)(x + i + BLK) + b);
+            } else if (i + 2 * L <= nn) {
+                for (int64_t b = 0; b < 2 * VB; b += 64)
+                    __builtin_prefetch((const char *)(xn + i) + PF_BYTES + b);
+                n0 = vmax(loadu(xn + i), n0);
+                n1 = vmax(loadu(xn + i + L), n1);
+                covered = i + 2 * L;
+            }
             V xa = loadu(x + i), xb = loadu(x + i + L);
             V ea = vexp(xa - vk), eb = vexp(xb - vk);
             s0 += ea;
@@ -433,39 +465,52 @@ FCE_INLINE void block_stats(const T *x, int64_t n, int qmode, const T *w, const 
             qd += widen(qa);
         }
     }
+    if (xn) {
+        T a = block_max(xn + covered, nn - covered), b = hmax(vmax(n0, n1));
+        *mn = a > b ? a : b;
+    }
     st->m = (double)mb;
     HSUMD(sd, st->s);
     HSUMD(dd, st->d);
     HSUMD(qd, st->q);
 }
 
-/* The state of n contiguous classes, block by block, merged in order. With
- * e_out, each block's exp(x - shift) is kept there and its max in bm[block]. */
-FCE_INLINE void range_stats(const T *x, int64_t n, int qmode, const T *w, const T *p,
-                            T pa, T pb, fce_state *st, T *e_out, double *bm)
+/* The state of n contiguous classes, block by block (merged in order), the max
+ * of the first block given as mb. With e_out, each block's exp(x - shift) is
+ * kept there and its max in bm[block]. With xn, the max of the nn <= BLK
+ * classes at xn (the caller's next range) is found on the way, into *mn. */
+FCE_INLINE void range_stats(const T *x, int64_t n, T mb, int qmode, const T *w, const T *p,
+                            T pa, T pb, fce_state *st, T *e_out, double *bm, const T *xn,
+                            int64_t nn, T *mn)
 {
-    int64_t b0 = n < BLK ? n : BLK;
-    block_stats(x, b0, qmode, w, p, pa, pb, st, e_out);
-    if (e_out) bm[0] = st->m;
-    for (; b0 < n; b0 += BLK) {
+    for (int64_t b0 = 0; b0 < n; b0 += BLK) {
         fce_state bs;
         int64_t len = n - b0 < BLK ? n - b0 : BLK;
-        block_stats(x + b0, len, qmode, w ? w + b0 : w, p ? p + b0 : p, pa, pb, &bs,
-                    e_out ? e_out + b0 : e_out);
-        if (e_out) bm[b0 / BLK] = bs.m;
-        fce_state_merge(st, &bs);
+        int64_t next = n - b0 - len < BLK ? n - b0 - len : BLK;
+        const T *nx = next > 0 ? x + b0 + len : xn;
+        T nm = NAN;
+        block_rest(x + b0, len, mb, qmode, w ? w + b0 : w, p ? p + b0 : p, pa, pb,
+                   b0 ? &bs : st, e_out ? e_out + b0 : e_out, nx, next > 0 ? next : nn, &nm);
+        if (e_out) bm[b0 / BLK] = mb;
+        if (b0) fce_state_merge(st, &bs);
+        mb = nm;
     }
+    if (xn) *mn = mb;
 }
 
-static void range_stats_any(const ctx *cx, const T *x, int64_t n, const T *w, const T *p,
-                            fce_state *st, T *e_out, double *bm)
+/* range_stats for the job's qmode. mb: the max of the first block of x, or
+ * NAN to have it found here. */
+static void range_stats_any(const ctx *cx, const T *x, int64_t n, T mb, const T *w,
+                            const T *p, fce_state *st, T *e_out, double *bm, const T *xn,
+                            int64_t nn, T *mn)
 {
+    if (mb != mb) mb = block_max(x, n < BLK ? n : BLK);
     switch (cx->qmode) {
-    case Q_ONE: range_stats(x, n, Q_ONE, w, p, cx->pa, cx->pb, st, e_out, bm); break;
-    case Q_W: range_stats(x, n, Q_W, w, p, cx->pa, cx->pb, st, e_out, bm); break;
-    case Q_P: range_stats(x, n, Q_P, w, p, cx->pa, cx->pb, st, e_out, bm); break;
-    case Q_PW: range_stats(x, n, Q_PW, w, p, cx->pa, cx->pb, st, e_out, bm); break;
-    default: range_stats(x, n, Q_NONE, w, p, cx->pa, cx->pb, st, e_out, bm); break;
+    case Q_ONE: range_stats(x, n, mb, Q_ONE, w, p, cx->pa, cx->pb, st, e_out, bm, xn, nn, mn); break;
+    case Q_W: range_stats(x, n, mb, Q_W, w, p, cx->pa, cx->pb, st, e_out, bm, xn, nn, mn); break;
+    case Q_P: range_stats(x, n, mb, Q_P, w, p, cx->pa, cx->pb, st, e_out, bm, xn, nn, mn); break;
+    case Q_PW: range_stats(x, n, mb, Q_PW, w, p, cx->pa, cx->pb, st, e_out, bm, xn, nn, mn); break;
+    default: range_stats(x, n, mb, Q_NONE, w, p, cx->pa, cx->pb, st, e_out, bm, xn, nn, mn); break;
     }
 }
 
@@ -705,14 +750,22 @@ static double row_log(double s)
 }
 
 /* The state of row r (C <= SEG), or 0 if its target is ignored. ek: scratch for
- * the row's exps (block maxima in bm), or NULL. */
-static int row_state(const ctx *cx, int64_t r, sample *smp, fce_state *st, T *ek, double *bm)
+ * the row's exps (block maxima in bm), or NULL. mb, xn, nn, mn: as for
+ * range_stats_any (the max of the row's first block if known, else NAN; the
+ * first block of the row read next, whose max goes to *mn; *mn is NAN if this
+ * row was skipped). */
+static int row_state(const ctx *cx, int64_t r, sample *smp, fce_state *st, T *ek, double *bm,
+                     T mb, const T *xn, int64_t nn, T *mn)
 {
     const T *x = cx->x + r * cx->job->outer_stride;
-    if (!sample_target(cx, r, smp)) return 0;
+    if (!sample_target(cx, r, smp)) {
+        if (mn) *mn = NAN;
+        return 0;
+    }
     if (cx->has_y) smp->xy = (double)x[smp->y];
-    range_stats_any(cx, x, cx->C, cx->w,
-                    cx->p ? cx->p + r * cx->job->prob_outer_stride : NULL, st, ek, bm);
+    range_stats_any(cx, x, cx->C, mb, cx->w,
+                    cx->p ? cx->p + r * cx->job->prob_outer_stride : NULL, st, ek, bm, xn, nn,
+                    mn);
     return 1;
 }
 
@@ -727,7 +780,7 @@ static double row_one(const ctx *cx, int64_t r, T *ek)
     sample smp;
     fce_state st;
     double bm[SEG / BLK + 1];
-    if (!row_state(cx, r, &smp, &st, ek, bm)) {
+    if (!row_state(cx, r, &smp, &st, ek, bm, NAN, NULL, 0, NULL)) {
         memset(g, 0, (size_t)cx->C * sizeof(T));
         return 0.0;
     }
@@ -744,10 +797,13 @@ static double row_one(const ctx *cx, int64_t r, T *ek)
 }
 
 /* Rows [r0, r1) (C <= SEG) without an output: L rows' states, then one
- * vectorised log for all of them. Returns the sum of their losses, in row order. */
+ * vectorised log for all of them; each row's first block is scanned for its
+ * max while the row before is summed. Returns the sum of the losses, in row order. */
 static double rows_no_output(const ctx *cx, int64_t r0, int64_t r1)
 {
+    const int64_t rs = cx->job->outer_stride, nn = cx->C < BLK ? cx->C : BLK;
     double acc = 0.0;
+    T mb = NAN;
     for (int64_t r = r0; r < r1; r += L) {
         int64_t J = r1 - r < L ? r1 - r : L;
         sample smp[L];
@@ -755,14 +811,14 @@ static double rows_no_output(const ctx *cx, int64_t r0, int64_t r1)
         int kept[L];
         double ls[L];
         for (int64_t i = 0; i < L; i++) {
-            kept[i] = i < J && row_state(cx, r + i, &smp[i], &st[i], NULL, NULL);
+            const T *xn = r + i + 1 < r1 ? cx->x + (r + i + 1) * rs : NULL;
+            kept[i] = i < J && row_state(cx, r + i, &smp[i], &st[i], NULL, NULL, mb, xn, nn, &mb);
             ls[i] = kept[i] ? st[i].s : 1.0;
         }
         vlogd(ls);
         for (int64_t i = 0; i < J; i++)
             if (kept[i])
-                acc += finish_sample(cx, r + i, &st[i], ls[i], &smp[i],
-                                     cx->x + (r + i) * cx->job->outer_stride, 1);
+                acc += finish_sample(cx, r + i, &st[i], ls[i], &smp[i], cx->x + (r + i) * rs, 1);
     }
     return acc;
 }
@@ -1138,9 +1194,9 @@ static void item_segment_stats(const ctx *cx, int64_t it, int tid)
         cx->states[it] = (fce_state){-INFINITY, 0.0, 0.0, 0.0};
         return;
     }
-    range_stats_any(cx, cx->x + r * job->outer_stride + c0, len, cx->w ? cx->w + c0 : NULL,
+    range_stats_any(cx, cx->x + r * job->outer_stride + c0, len, NAN, cx->w ? cx->w + c0 : NULL,
                     cx->p ? cx->p + r * job->prob_outer_stride + c0 : NULL, &cx->states[it],
-                    NULL, NULL);
+                    NULL, NULL, NULL, 0, NULL);
 }
 
 /* rows layout, C > SEG: write the output of one segment */

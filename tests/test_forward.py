@@ -147,6 +147,36 @@ def test_class_counts(dtype, C, N, kind, reduction):
         _check(result, torch_ce(x, t, reduction=reduction, **kw), dtype, reduction, **tol)
 
 
+# The rows kernel works in 4 KiB blocks (1024 float32 / 512 float64 classes) and
+# reads the first block of the next row while it sums the current one; class
+# counts on both sides of one and two blocks, with rows the chain must skip
+# (ignored), rows whose max is not in the first block, and -inf/+inf/NaN rows.
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("C", [31, 33, 511, 512, 513, 1023, 1024, 1025, 2047, 2049, 5000])
+def test_block_and_row_boundaries(dtype, C):
+    rng = np.random.default_rng(C)
+    N = 23
+    x = random_logits(rng, (N, C), dtype)
+    # the row max in the last block, so large that exp(max - shift) overflows if a
+    # wrong (smaller) shift is used
+    x[3, -1] = 100.0 if dtype == np.float32 else 800.0
+    x[5, :] = -np.inf
+    x[6, : C // 2] = -np.inf
+    x[7, C // 3] = np.inf
+    x[8, C - 2] = np.nan
+    t = random_index_target(rng, (N, C))
+    t[[0, 1, 9, 10, 11, N - 1]] = -100  # the first, consecutive and last rows skipped
+    for kw in [{}, dict(label_smoothing=0.2)]:
+        loss = fastce.cross_entropy(x, t, reduction="none", **kw)
+        assert_close(loss, torch_ce(x, t, reduction="none", **kw), dtype)
+        # the gradient path sums every row in the same order: the same losses, to the bit
+        np.testing.assert_array_equal(
+            fastce.cross_entropy_with_grad(x, t, reduction="none", **kw)[0], loss)
+    keep = np.ones(N, bool)
+    keep[[5, 7, 8]] = False
+    assert_close(fastce.cross_entropy(x[keep], t[keep]), torch_ce(x[keep], t[keep]), dtype)
+
+
 def test_single_class_loss_is_zero():
     """With C = 1 the only class has probability 1: every loss is exactly 0."""
     x = np.array([[3.0], [-1e30], [0.0]])
