@@ -11,7 +11,9 @@
  * Online (one read of the row): split the row into blocks that fit in L1.
  * For each block b: its max m_b (pass 1, from memory), then
  *   s_b = sum exp(x - m_b), d_b = sum q (m_b - x), q_b = sum q  (pass 2, from L1),
- * so each element costs one exp. Blocks merge into the running state with
+ * so each element costs one exp. Pass 1 of the next block (or of the next row's
+ * first block) runs inside pass 2's loop, so its memory reads overlap the exps.
+ * Blocks merge into the running state with
  *   s = s_a exp(m_a - m) + s_b exp(m_b - m),  m = max(m_a, m_b)
  * (fce_state_merge). The loss of a sample is then
  *   loss = a (lse - x_y) + b sum_c q_c (lse - x_c) = a ((k - x_y) + log s) + b (d + q log s)
@@ -21,7 +23,8 @@
  * where the target class takes softmax_y - 1 as minus the other classes' softmax
  * mass when p_y > 1/2 (expm1 in double otherwise): the difference cancels there.
  *
- * The paths: rows of C > 32 (row_one: blocks of 4 KiB, pass 2's exps kept for the
+ * The paths: rows of C > 32 (rows_no_output: L rows, then one vectorised log;
+ * row_one with an output: blocks of 4 KiB, pass 2's exps kept for the
  * gradient), rows longer than 512 KiB (segments, states merged in a fixed order),
  * C <= 32 (one vector lane per row: rows_small_c_loss, or gathered tiles through
  * cols_group), and K-dim (N, C, D) inputs (cols_group, lanes across positions).
