@@ -742,16 +742,6 @@ static double write_row_kept(const ctx *cx, const T *x, const T *ek, const doubl
     return mass;
 }
 
-/* log of one sum, the same function as the batched rows use (vlogd lane-wise),
- * so a row's loss does not depend on whether it was finished alone or in a batch */
-static double row_log(double s)
-{
-    double a[L];
-    for (int64_t i = 0; i < L; i++) a[i] = s;
-    vlogd(a);
-    return a[0];
-}
-
 /* The state of row r (C <= SEG), or 0 if its target is ignored. ek: scratch for
  * the row's exps (block maxima in bm), or NULL. mb, xn, nn, mn: as for
  * range_stats_any (the max of the row's first block if known, else NAN; the
@@ -787,7 +777,7 @@ static double row_one(const ctx *cx, int64_t r, T *ek)
         memset(g, 0, (size_t)cx->C * sizeof(T));
         return 0.0;
     }
-    double loss = finish_sample(cx, r, &st, row_log(st.s), &smp, x, 1);
+    double loss = finish_sample(cx, r, &st, log(st.s), &smp, x, 1);
     double c1 = smp.gs * (smp.a + cx->b * st.q), c2 = smp.gs * cx->b;
     int target = cx->has_y && cx->op == FCE_OP_LOSS;
     int64_t skip = target ? smp.y : -1;
@@ -799,29 +789,22 @@ static double row_one(const ctx *cx, int64_t r, T *ek)
     return loss;
 }
 
-/* Rows [r0, r1) (C <= SEG) without an output: L rows' states, then one
- * vectorised log for all of them; each row's first block is scanned for its
- * max while the row before is summed. Returns the sum of the losses, in row order. */
+/* Rows [r0, r1) (C <= SEG) without an output; each row's first block is
+ * scanned for its max while the row before is summed. Returns the sum of the
+ * losses, in row order. (A vectorised log over 16 rows was tried: its latency,
+ * paid once per row on the gradient path that must give the same bits, cost
+ * more than libm's log.) */
 static double rows_no_output(const ctx *cx, int64_t r0, int64_t r1)
 {
     const int64_t rs = cx->job->outer_stride, nn = cx->C < BLK ? cx->C : BLK;
     double acc = 0.0;
     T mb = NAN;
-    for (int64_t r = r0; r < r1; r += L) {
-        int64_t J = r1 - r < L ? r1 - r : L;
-        sample smp[L];
-        fce_state st[L];
-        int kept[L];
-        double ls[L];
-        for (int64_t i = 0; i < L; i++) {
-            const T *xn = r + i + 1 < r1 ? cx->x + (r + i + 1) * rs : NULL;
-            kept[i] = i < J && row_state(cx, r + i, &smp[i], &st[i], NULL, NULL, mb, xn, nn, &mb);
-            ls[i] = kept[i] ? st[i].s : 1.0;
-        }
-        vlogd(ls);
-        for (int64_t i = 0; i < J; i++)
-            if (kept[i])
-                acc += finish_sample(cx, r + i, &st[i], ls[i], &smp[i], cx->x + (r + i) * rs, 1);
+    for (int64_t r = r0; r < r1; r++) {
+        const T *xn = r + 1 < r1 ? cx->x + (r + 1) * rs : NULL;
+        sample smp;
+        fce_state st;
+        if (row_state(cx, r, &smp, &st, NULL, NULL, mb, xn, nn, &mb))
+            acc += finish_sample(cx, r, &st, log(st.s), &smp, cx->x + r * rs, 1);
     }
     return acc;
 }
