@@ -35,10 +35,12 @@ How it is timed
 For each (dtype, shape, T) all contenders are warmed up (and their loss, and for fwd+bwd a
 sample of the gradient, checked against the first contender's), then ``--repeat`` repetitions are
 run; within each repetition every contender is timed once, in an order rotated from repetition to
-repetition, so machine noise hits all of them alike. One timing sample is enough back-to-back
-calls to last ``--min-time`` seconds (many calls for tiny shapes, one for big ones); a result is
-the median over repetitions of the per-call time (the slow numpy-ref and scipy sit out the
-repetitions after the fifth). Fresh results are freed as they come, so
+repetition, so machine noise hits all of them alike. The slow numpy-ref and scipy are timed
+after the others' repetitions (5 repetitions, interleaved between themselves): the gigabytes
+of temporaries they allocate and free would otherwise slow down whatever runs after them on
+a VM. One timing sample is enough back-to-back calls to last ``--min-time`` seconds (many
+calls for tiny shapes, one for big ones); a result is the median over repetitions of the
+per-call time. Fresh results are freed as they come, so
 allocating the gradient (and its page faults) is part of the cost where a contender allocates.
 On virtual machines that hand freed memory back to the host (e.g. virtio-balloon free page
 reporting), touching a fresh large array can cost ~1 ms per MB, far more than on bare metal;
@@ -105,7 +107,7 @@ FULL_SHAPES: List[Tuple[int, ...]] = [
     (2, 3), (65536, 10), (16384, 1000), (4096, 32000), (1024, 128256), (256, 262144), (2, 16777216),
 ]
 QUICK_SHAPES: List[Tuple[int, ...]] = [(2, 3), (65536, 10), (16384, 1000), (4096, 32000)]
-SLOW_REPEAT = 5  # slow contenders (numpy-ref, scipy) sit out repetitions after this many
+SLOW_REPEAT = 5  # repetitions of the slow contenders (numpy-ref, scipy)
 TINY_BYTES = 64 * 1024  # shapes below this measure per-call overhead; left out of the plot
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -391,14 +393,22 @@ def run_group(m: Any, plan: Plan, case: Case, nt: int, members: List[Contender],
     members = ok
     times: List[List[float]] = [[] for _ in members]
     k = len(members)
-    for r in range(plan.repeat if k else 0):
-        for i in list(range(r % k, k)) + list(range(r % k)):
-            if members[i].slow and len(times[i]) >= SLOW_REPEAT:
-                continue  # 10-100x slower than the rest; 5 samples are plenty for them
-            times[i].append(_util.time_calls(fns[i], numbers[i]))
-            if pause:
-                time.sleep(pause)  # let the previous contender's worker threads go idle
-        progress.update(k * weight_per_step, label, f"rep {r + 1}/{plan.repeat}")
+    # Two phases: the fast contenders interleaved, then the slow ones (numpy-ref, scipy)
+    # interleaved. A slow contender allocates and frees gigabytes of temporaries per call,
+    # and on this kind of VM the guest kernel then works on the freed memory for a while
+    # (free page reporting), slowing whatever runs next: timed among the fast ones, it made
+    # fastce's (4096, 32000) forward 40 -> 57 ms and torch's 280 -> 348 ms.
+    for phase in (False, True):
+        idx = [i for i in range(k) if members[i].slow == phase]
+        n = len(idx)
+        reps = min(plan.repeat, SLOW_REPEAT) if phase else plan.repeat
+        for r in range(reps if n else 0):
+            for i in idx[r % n:] + idx[:r % n]:
+                times[i].append(_util.time_calls(fns[i], numbers[i]))
+                if pause:
+                    time.sleep(pause)  # let the previous contender's worker threads go idle
+            progress.update(n * weight_per_step * plan.repeat / reps, label,
+                            f"rep {r + 1}/{reps}" + (" (numpy-ref, scipy)" if phase else ""))
     rows = []
     for c, t, n in zip(members, times, numbers):
         rows.append({
@@ -466,7 +476,8 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 
 
 def plot(rows: List[Dict[str, Any]], bandwidth: Dict[int, Dict[str, Any]], path: str,
-         title: str) -> None:
+         title: str) -> bool:
+    """Draw GB/s by shape into ``path``; False (nothing written) if every case is tiny."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -476,7 +487,7 @@ def plot(rows: List[Dict[str, Any]], bandwidth: Dict[int, Dict[str, Any]], path:
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     passes = [p for p in (FWD, FWDBWD) if any(r["pass"] == p for r in rows)]
     if not rows:
-        return
+        return False
     threads = sorted({r["threads"] for r in rows})
     # one hue per contender (tab20 pairs: blue, cyan, olive, orange, green, purple); light = 1 thread,
     # dark = the most threads
@@ -536,6 +547,7 @@ def plot(rows: List[Dict[str, Any]], bandwidth: Dict[int, Dict[str, Any]], path:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -809,8 +821,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if noise["other_cpu_pct"] is not None and noise["other_cpu_pct"] > 5:
             title += (f"\nNOISY: other processes used {noise['other_cpu_pct']:.0f}% of the CPU "
                       "time during the run")
-        plot(rows, bandwidth, args.plot, title)
-        print(f"wrote {args.plot}")
+        if plot(rows, bandwidth, args.plot, title):
+            print(f"wrote {args.plot}")
+        else:
+            print(f"no plot: every case is below {TINY_BYTES // 1024} KiB (per-call overhead only)")
     return 1 if mismatches else 0
 
 
