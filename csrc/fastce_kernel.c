@@ -321,20 +321,29 @@ static inline V vexp(V x)
     V n = t - magic;
     V r = x - n * ln2_hi;
     r = r - n * ln2_lo;
-    /* Taylor to r^13: truncation < 4.1e-18 relative for |r| <= ln2/2 */
-    V p = (V){0} + 1.0 / 6227020800.0;
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
+    /* exp(r) ~ 1 + r + r^2 (c2 + c3 r + ... + c11 r^9), c2..c11 fitted for least
+     * maximal relative error on |r| <= ln2/2 (truncation 3.6e-18, 0.03 ulp); Horner
+     * with FMA, else as 1 + r + r^2 q(r) (see the float32 case) */
+    const double c11 = 2.5000052861056103e-08, c10 = 2.7630263397559955e-07,
+                 c9 = 2.755758647779769e-06, c8 = 2.4801493059959274e-05,
+                 c7 = 1.9841269506377352e-04, c6 = 1.3888888943664243e-03,
+                 c5 = 8.333333333494593e-03, c4 = 4.1666666666530044e-02,
+                 c3 = 1.6666666666666413e-01, c2 = 5.000000000000011e-01;
+    V p = r * c11 + c10;
+    p = p * r + c9;
+    p = p * r + c8;
+    p = p * r + c7;
+    p = p * r + c6;
+    p = p * r + c5;
+    p = p * r + c4;
+    p = p * r + c3;
+    p = p * r + c2;
+#if defined(__FMA__) || defined(__aarch64__) && !defined(FCE_ISA_IS_SCALAR)
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+#else
     p = p * (r * r) + r + 1.0;
+#endif
 #if defined(__AVX512F__) && VB == 64
     return (V)_mm512_maskz_scalef_pd(_mm512_cmp_pd_mask((__m512d)x, _mm512_set1_pd(x_min), _CMP_NLT_UQ),
                                      (__m512d)p, (__m512d)n);
