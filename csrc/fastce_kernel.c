@@ -23,9 +23,9 @@
  * where the target class takes softmax_y - 1 as minus the other classes' softmax
  * mass when p_y > 1/2 (expm1 in double otherwise): the difference cancels there.
  *
- * The paths: rows of C > 32 (rows_no_output: L rows, then one vectorised log;
- * row_one with an output: blocks of 4 KiB, pass 2's exps kept for the
- * gradient), rows longer than 512 KiB (segments, states merged in a fixed order),
+ * The paths: rows of C > 32 (rows_no_output: blocks of 4 KiB, each row's first
+ * block scanned while the row before is summed; row_one with an output: pass 2's
+ * exps kept for the gradient), rows longer than 512 KiB (segments, states merged in a fixed order),
  * C <= 32 (one vector lane per row: rows_small_c_loss, or gathered tiles through
  * cols_group), and K-dim (N, C, D) inputs (cols_group, lanes across positions).
  */
@@ -288,19 +288,15 @@ static inline V vexp(V x)
     const float c6 = 1.3871070696040988e-3f, c5 = 8.36954079568386e-3f,
                 c4 = 4.166741669178009e-2f, c3 = 1.6666512191295624e-1f,
                 c2 = 4.999999701976776e-1f;
-#if defined(__FMA__) || defined(__aarch64__) && !defined(FCE_ISA_IS_SCALAR)
-    /* (the variants built with -ffp-contract=fast: avx2, avx512, neon) */
     V p = r * c6 + c5;
     p = p * r + c4;
     p = p * r + c3;
     p = p * r + c2;
+#if defined(__FMA__) || defined(__aarch64__) && !defined(FCE_ISA_IS_SCALAR)
+    /* (the variants built with -ffp-contract=fast: avx2, avx512, neon) */
     p = p * r + 1.0f;
     p = p * r + 1.0f;
 #else
-    V p = r * c6 + c5;
-    p = p * r + c4;
-    p = p * r + c3;
-    p = p * r + c2;
     p = p * (r * r) + r + 1.0f;
 #endif
 #if defined(__AVX512F__) && VB == 64
