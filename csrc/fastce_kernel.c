@@ -266,87 +266,66 @@ FCE_INLINE void log_lanes(double *inout)
 /* exp(x) for x <= 0 (and NaN). Range reduction x = n ln2 + r, |r| <= ln2/2,
  * with n rounded by the 1.5*2^mant trick; exp(r) by a polynomial; 2^n built in
  * the exponent bits. Results below the smallest normal number are flushed to
- * exactly 0 (denormals take a microcode slow path); -inf gives 0, NaN gives NaN. */
+ * exactly 0 (denormals take a microcode slow path); -inf gives 0, NaN gives NaN.
+ *
+ * exp(r) ~ 1 + r + r^2 (c2 + c3 r + ... + cK r^(K-2)), c2..cK fitted (mpmath,
+ * iteratively reweighted least squares) for least maximal relative error on
+ * |r| <= ln2/2: K = 6 for float32 (truncation 3.9e-9), K = 11 for float64
+ * (3.6e-18, 0.03 ulp). With FMA, Horner over the whole polynomial; without,
+ * 1 + r + r^2 q(r), whose last two roundings err less there. Max error, float32
+ * on every input in [log(FLT_MIN), 0]: 0.89 ulp with FMA, 0.99 without; float64
+ * (10M points, extended-precision truth): 0.89 and 1.01 (bench/exp_accuracy.py). */
+#if FCE_DTYPE == 32
+/* magic = 1.5 * 2^23 + 127: t's low mantissa bits hold n + 127, the biased
+ * exponent of 2^n, so t's bits shifted left by 23 are those of 2^n */
+#define EXP_MAGIC (12582912.0f + 127.0f)
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO -2.12194440e-4f
+#define EXP_X_MIN -87.3365447505531f /* log(FLT_MIN) */
+#define EXP_MANT 23
+static const float exp_c[] = {1.3871070696040988e-3f, 8.36954079568386e-3f,
+                              4.166741669178009e-2f, 1.6666512191295624e-1f,
+                              4.999999701976776e-1f}; /* c6 .. c2 */
+#else
+#define EXP_MAGIC (6755399441055744.0 + 1023.0) /* 1.5 * 2^52 + 1023: as above */
+#define EXP_LOG2E 1.4426950408889634074
+#define EXP_LN2_HI 6.93147180369123816490e-01
+#define EXP_LN2_LO 1.90821492927058770002e-10
+#define EXP_X_MIN -708.396418532264106 /* log(DBL_MIN) */
+#define EXP_MANT 52
+static const double exp_c[] = {2.5000052861056103e-08, 2.7630263397559955e-07,
+                               2.755758647779769e-06,  2.4801493059959274e-05,
+                               1.9841269506377352e-04, 1.3888888943664243e-03,
+                               8.333333333494593e-03,  4.1666666666530044e-02,
+                               1.6666666666666413e-01, 5.000000000000011e-01}; /* c11 .. c2 */
+#endif
+
 static inline V vexp(V x)
 {
-#if FCE_DTYPE == 32
-    /* magic = 1.5 * 2^23 + 127: t's low mantissa bits hold n + 127, the biased
-     * exponent of 2^n, so t's bits shifted left by 23 are those of 2^n */
-    const float magic = 12582912.0f + 127.0f;
-    const float log2e = 1.44269504088896341f;
-    const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-    const float x_min = -87.3365447505531f; /* log(FLT_MIN) */
-    V t = x * log2e + magic;
-    V n = t - magic;
-    V r = x - n * ln2_hi;
-    r = r - n * ln2_lo;
-    /* exp(r) ~ 1 + r + r^2 (c2 + c3 r + c4 r^2 + c5 r^3 + c6 r^4), c2..c6 fitted for
-     * least maximal relative error on |r| <= ln2/2 (truncation 3.9e-9). With FMA,
-     * Horner over the whole polynomial (6 FMAs; max error 0.89 ulp, exhaustive
-     * over [log(FLT_MIN), 0]); without, the same polynomial as 1 + r + r^2 q(r),
-     * whose last two roundings err less without FMA (0.99 ulp) */
-    const float c6 = 1.3871070696040988e-3f, c5 = 8.36954079568386e-3f,
-                c4 = 4.166741669178009e-2f, c3 = 1.6666512191295624e-1f,
-                c2 = 4.999999701976776e-1f;
-    V p = r * c6 + c5;
-    p = p * r + c4;
-    p = p * r + c3;
-    p = p * r + c2;
+    V t = x * EXP_LOG2E + EXP_MAGIC;
+    V n = t - EXP_MAGIC;
+    V r = x - n * EXP_LN2_HI;
+    r = r - n * EXP_LN2_LO;
+    V p = splat(exp_c[0]);
+    for (size_t i = 1; i < sizeof exp_c / sizeof exp_c[0]; i++) p = p * r + exp_c[i];
 #if defined(__FMA__) || defined(__aarch64__) && !defined(FCE_ISA_IS_SCALAR)
     /* (the variants built with -ffp-contract=fast: avx2, avx512, neon) */
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    p = p * r + (T)1;
+    p = p * r + (T)1;
 #else
-    p = p * (r * r) + r + 1.0f;
+    p = p * (r * r) + r + (T)1;
 #endif
-#if defined(__AVX512F__) && VB == 64
+#if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32
     /* p * 2^n in one instruction, zero below x_min (and for -inf), NaN kept */
-    return (V)_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(x_min), _CMP_NLT_UQ),
+    return (V)_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(EXP_X_MIN), _CMP_NLT_UQ),
                                      (__m512)p, (__m512)n);
-#else
-    V y = p * (V)((VI)t << 23);
-    return (V)((VI)y & ~(VI)(x < x_min));
-#endif
-#else
-    const double magic = 6755399441055744.0 + 1023.0; /* 1.5 * 2^52 + 1023: as above */
-    const double log2e = 1.4426950408889634074;
-    const double ln2_hi = 6.93147180369123816490e-01;
-    const double ln2_lo = 1.90821492927058770002e-10;
-    const double x_min = -708.396418532264106; /* log(DBL_MIN) */
-    V t = x * log2e + magic;
-    V n = t - magic;
-    V r = x - n * ln2_hi;
-    r = r - n * ln2_lo;
-    /* exp(r) ~ 1 + r + r^2 (c2 + c3 r + ... + c11 r^9), c2..c11 fitted for least
-     * maximal relative error on |r| <= ln2/2 (truncation 3.6e-18, 0.03 ulp); Horner
-     * with FMA, else as 1 + r + r^2 q(r) (see the float32 case) */
-    const double c11 = 2.5000052861056103e-08, c10 = 2.7630263397559955e-07,
-                 c9 = 2.755758647779769e-06, c8 = 2.4801493059959274e-05,
-                 c7 = 1.9841269506377352e-04, c6 = 1.3888888943664243e-03,
-                 c5 = 8.333333333494593e-03, c4 = 4.1666666666530044e-02,
-                 c3 = 1.6666666666666413e-01, c2 = 5.000000000000011e-01;
-    V p = r * c11 + c10;
-    p = p * r + c9;
-    p = p * r + c8;
-    p = p * r + c7;
-    p = p * r + c6;
-    p = p * r + c5;
-    p = p * r + c4;
-    p = p * r + c3;
-    p = p * r + c2;
-#if defined(__FMA__) || defined(__aarch64__) && !defined(FCE_ISA_IS_SCALAR)
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-#else
-    p = p * (r * r) + r + 1.0;
-#endif
-#if defined(__AVX512F__) && VB == 64
-    return (V)_mm512_maskz_scalef_pd(_mm512_cmp_pd_mask((__m512d)x, _mm512_set1_pd(x_min), _CMP_NLT_UQ),
+#elif defined(__AVX512F__) && VB == 64
+    return (V)_mm512_maskz_scalef_pd(_mm512_cmp_pd_mask((__m512d)x, _mm512_set1_pd(EXP_X_MIN), _CMP_NLT_UQ),
                                      (__m512d)p, (__m512d)n);
 #else
-    V y = p * (V)((VI)t << 52);
-    return (V)((VI)y & ~(VI)(x < x_min));
-#endif
+    V y = p * (V)((VI)t << EXP_MANT);
+    return (V)((VI)y & ~(VI)(x < EXP_X_MIN));
 #endif
 }
 
