@@ -9,13 +9,15 @@
  * The maths. For one sample with logits x_c, c = 0..C-1:
  *   lse = log sum_c exp(x_c) = k + log s,   s = sum_c exp(x_c - k),  k = max_c x_c
  * Online (one read of the row): split the row into blocks that fit in L1.
- * For each block b: its max m_b (pass 1, from memory), then
- *   s_b = sum exp(x - m_b), d_b = sum q (m_b - x), q_b = sum q  (pass 2, from L1),
+ * For each block b: its max m_b (pass 1, from memory), then with the running
+ * max M = max(m_0..m_b)
+ *   s += sum exp(x - M), d += sum q (M - x), q += sum q  (pass 2, from L1),
  * so each element costs one exp. Pass 1 of the next block (or of the next row's
  * first block) runs inside pass 2's loop, so its memory reads overlap the exps.
- * Blocks merge into the running state with
+ * The sums stay in double vector lanes while M stays; when M grows they are
+ * reduced and merged into the state with
  *   s = s_a exp(m_a - m) + s_b exp(m_b - m),  m = max(m_a, m_b)
- * (fce_state_merge). The loss of a sample is then
+ * (fce_state_merge), as are the states of row segments. The loss of a sample is then
  *   loss = a (lse - x_y) + b sum_c q_c (lse - x_c) = a ((k - x_y) + log s) + b (d + q log s)
  * with, for class-index targets y:  a = (1 - eps) w_y, b = eps / C, q_c = w_c (or 1)
  *      for probability targets p:   a = 0,             b = 1,       q_c = w_c ((1-eps) p_c + eps/C)
@@ -389,16 +391,36 @@ FCE_INLINE T block_max(const T *x, int64_t n)
     return hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
 }
 
-/* Pass 2 of a block of n <= BLK classes whose max mb is known: its state (and
- * its exps in e_out). The block is in L1 after pass 1, so this is arithmetic;
+/* Pass 2's work on the two vectors at x + i: exps (kept in e_out), their sums
+ * into s0, s1 and the class-coefficient terms into dd, q0. */
+FCE_INLINE void sum_pair(const T *x, int64_t i, V vk, int qmode, const T *w, const T *p, T pa,
+                         T pb, T *e_out, V *s0, V *s1, VD *dd, V *q0)
+{
+    V xa = loadu(x + i), xb = loadu(x + i + L);
+    V ea = vexp(xa - vk), eb = vexp(xb - vk);
+    *s0 += ea;
+    *s1 += eb;
+    if (e_out) {
+        storeu(e_out + i, ea);
+        storeu(e_out + i + L, eb);
+    }
+    if (qmode != Q_NONE) {
+        V qa = qload(qmode, w + i, p + i, L, pa, pb);
+        V qb = qload(qmode, w + i + L, p + i + L, L, pa, pb);
+        *dd += widen(qa * (vk - xa)) + widen(qb * (vk - xb));
+        *q0 += qa + qb;
+    }
+}
+
+/* Pass 2 of a block of n <= BLK classes shifted by mb (>= their max): its sums
+ * s, d, q added to the lanes of sums[0..2] (and its exps in e_out). The block is in L1 after pass 1, so this is arithmetic;
  * memory is kept busy meanwhile:
  *  - with xn, pass 1 of the next block (nn classes at xn) runs in the same loop
  *    (its loads, and a prefetch PF_BYTES ahead of them, overlap this block's
  *    exps) and its max goes to *mn;
  *  - without, the BLK elements after this block are prefetched. */
 FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, const T *w, const T *p,
-                           T pa, T pb, fce_state *st, T *e_out, const T *xn, int64_t nn,
-                           T *mn)
+                           T pa, T pb, VD *sums, T *e_out, const T *xn, int64_t nn, T *mn)
 {
     T k = mb == -INFINITY ? 0 : mb;
     V vk = splat(k);
@@ -407,35 +429,34 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, const T *w, c
     /* float partial sums over runs of CHUNK vectors per lane, folded into
      * double: the float error stays that of a 16-term sum for any L */
     enum { CHUNK = 16 };
-    VD sd = widen(splat(0)), dd = sd, qd = sd;
+    VD sd = sums[0], dd = sums[1], qd = sums[2];
     int64_t i = 0, covered = 0;
     while (i + 2 * L <= n) {
         int64_t end = i + CHUNK * 2 * L < n ? i + CHUNK * 2 * L : n;
         V s0 = splat(0), s1 = s0, q0 = s0;
-        for (; i + 2 * L <= end; i += 2 * L) {
-            if (!xn) {
-                for (int64_t b = 0; b < 2 * VB; b += 64)
-                    __builtin_prefetch((const char *)(x + i + BLK) + b);
-            } else if (i + 2 * L <= nn) {
+        if (xn && end <= nn) {
+            /* the usual case, without the tests of the loop below */
+            for (; i + 2 * L <= end; i += 2 * L) {
                 for (int64_t b = 0; b < 2 * VB; b += 64)
                     __builtin_prefetch((const char *)(xn + i) + PF_BYTES + b);
                 n0 = vmax(loadu(xn + i), n0);
                 n1 = vmax(loadu(xn + i + L), n1);
-                covered = i + 2 * L;
+                sum_pair(x, i, vk, qmode, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0);
             }
-            V xa = loadu(x + i), xb = loadu(x + i + L);
-            V ea = vexp(xa - vk), eb = vexp(xb - vk);
-            s0 += ea;
-            s1 += eb;
-            if (e_out) {
-                storeu(e_out + i, ea);
-                storeu(e_out + i + L, eb);
-            }
-            if (qmode != Q_NONE) {
-                V qa = qload(qmode, w + i, p + i, L, pa, pb);
-                V qb = qload(qmode, w + i + L, p + i + L, L, pa, pb);
-                dd += widen(qa * (vk - xa)) + widen(qb * (vk - xb));
-                q0 += qa + qb;
+            covered = i;
+        } else {
+            for (; i + 2 * L <= end; i += 2 * L) {
+                if (!xn) {
+                    for (int64_t b = 0; b < 2 * VB; b += 64)
+                        __builtin_prefetch((const char *)(x + i + BLK) + b);
+                } else if (i + 2 * L <= nn) {
+                    for (int64_t b = 0; b < 2 * VB; b += 64)
+                        __builtin_prefetch((const char *)(xn + i) + PF_BYTES + b);
+                    n0 = vmax(loadu(xn + i), n0);
+                    n1 = vmax(loadu(xn + i + L), n1);
+                    covered = i + 2 * L;
+                }
+                sum_pair(x, i, vk, qmode, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0);
             }
         }
         sd += widen(s0 + s1);
@@ -456,30 +477,51 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, const T *w, c
         T a = block_max(xn + covered, nn - covered), b = hmax(vmax(n0, n1));
         *mn = a > b ? a : b;
     }
-    st->m = (double)mb;
-    HSUMD(sd, st->s);
-    HSUMD(dd, st->d);
-    HSUMD(qd, st->q);
+    sums[0] = sd;
+    if (qmode != Q_NONE) {
+        sums[1] = dd;
+        sums[2] = qd;
+    }
 }
 
-/* The state of n contiguous classes, block by block (merged in order), the max
- * of the first block given as mb. With e_out, each block's exp(x - shift) is
- * kept there and its max in bm[block]. With xn, the max of the nn <= BLK
- * classes at xn (the caller's next range) is found on the way, into *mn. */
+/* The state of n contiguous classes, block by block, the max of the first
+ * block given as mb. Every block is shifted by the running max, so the sums
+ * stay in double lanes from block to block; they are reduced into the state
+ * only when the max grows (and at the end). With e_out, each block's
+ * exp(x - shift) is kept there and its shift in bm[block]. With xn, the max of
+ * the nn <= BLK classes at xn (the caller's next range) is found on the way,
+ * into *mn. */
 FCE_INLINE void range_stats(const T *x, int64_t n, T mb, int qmode, const T *w, const T *p,
                             T pa, T pb, fce_state *st, T *e_out, double *bm, const T *xn,
                             int64_t nn, T *mn)
 {
-    for (int64_t b0 = 0; b0 < n; b0 += BLK) {
-        fce_state bs;
+    VD sums[3];
+    T shift = mb;
+    int have = 0;
+    sums[0] = sums[1] = sums[2] = widen(splat(0));
+    for (int64_t b0 = 0;; b0 += BLK) {
+        if (b0 >= n || mb > shift) {
+            /* the sums so far (shifted by `shift`) into the state */
+            fce_state bs = {(double)shift, 0.0, 0.0, 0.0};
+            HSUMD(sums[0], bs.s);
+            HSUMD(sums[1], bs.d);
+            HSUMD(sums[2], bs.q);
+            if (have)
+                fce_state_merge(st, &bs);
+            else
+                *st = bs;
+            have = 1;
+            if (b0 >= n) break;
+            sums[0] = sums[1] = sums[2] = widen(splat(0));
+            shift = mb;
+        }
         int64_t len = n - b0 < BLK ? n - b0 : BLK;
         int64_t next = n - b0 - len < BLK ? n - b0 - len : BLK;
         const T *nx = next > 0 ? x + b0 + len : xn;
         T nm = NAN;
-        block_rest(x + b0, len, mb, qmode, w ? w + b0 : w, p ? p + b0 : p, pa, pb,
-                   b0 ? &bs : st, e_out ? e_out + b0 : e_out, nx, next > 0 ? next : nn, &nm);
-        if (e_out) bm[b0 / BLK] = mb;
-        if (b0) fce_state_merge(st, &bs);
+        block_rest(x + b0, len, shift, qmode, w ? w + b0 : w, p ? p + b0 : p, pa, pb, sums,
+                   e_out ? e_out + b0 : e_out, nx, next > 0 ? next : nn, &nm);
+        if (e_out) bm[b0 / BLK] = shift;
         mb = nm;
     }
     if (xn) *mn = mb;
@@ -707,19 +749,23 @@ static T target_grad(const ctx *cx, const sample *smp, double qsum, double other
 
 /* ------------------------------------------------------- rows layout */
 
-/* The output of a row whose pass-2 exps are kept in ek (block maxima in bm):
+/* The output of a row whose pass-2 exps are kept in ek (block shifts in bm):
  * block b's softmax is ek * exp(shift(bm[b]) - lse), no exp recomputed. */
 static double write_row_kept(const ctx *cx, const T *x, const T *ek, const double *bm,
                              T *out, int64_t n, int64_t skip, const T *w, const T *p,
                              const sample *smp, T c1, T c2)
 {
-    double mass = 0.0, lse = smp->k + smp->ls;
+    double mass = 0.0, lse = smp->k + smp->ls, m = NAN;
+    T f = 0;
     for (int64_t b0 = 0; b0 < n; b0 += BLK) {
         int64_t len = n - b0 < BLK ? n - b0 : BLK;
-        double m = bm[b0 / BLK];
         /* <= 1; a block of -inf next to finite logits contributes exactly 0 (not
-         * 0 * exp(huge)), while a row of -inf or NaN gives NaN as torch does */
-        T f = m == -INFINITY && isfinite(lse) ? 0 : (T)exp(fce_shift(m) - lse);
+         * 0 * exp(huge)), while a row of -inf or NaN gives NaN as torch does.
+         * Blocks with the same shift (the running max) share one exp. */
+        if (!(bm[b0 / BLK] == m)) {
+            m = bm[b0 / BLK];
+            f = m == -INFINITY && isfinite(lse) ? 0 : (T)exp(fce_shift(m) - lse);
+        }
         mass += write_range_any(cx, x + b0, ek + b0, f, out + b0, len, skip - b0,
                                 w ? w + b0 : w, p ? p + b0 : p, (T)smp->k, (T)smp->ls, c1, c2);
     }
@@ -727,7 +773,7 @@ static double write_row_kept(const ctx *cx, const T *x, const T *ek, const doubl
 }
 
 /* The state of row r (C <= SEG), or 0 if its target is ignored. ek: scratch for
- * the row's exps (block maxima in bm), or NULL. mb, xn, nn, mn: as for
+ * the row's exps (block shifts in bm), or NULL. mb, xn, nn, mn: as for
  * range_stats_any (the max of the row's first block if known, else NAN; the
  * first block of the row read next, whose max goes to *mn; *mn is NAN if this
  * row was skipped). */
