@@ -414,11 +414,10 @@ FCE_INLINE void sum_pair(const T *x, int64_t i, V vk, int qmode, const T *w, con
 
 /* Pass 2 of a block of n <= BLK classes shifted by mb (>= their max): its sums
  * s, d, q added to the lanes of sums[0..2] (and its exps in e_out). The block is in L1 after pass 1, so this is arithmetic;
- * memory is kept busy meanwhile:
- *  - with xn, pass 1 of the next block (nn classes at xn) runs in the same loop
- *    (its loads, and a prefetch PF_BYTES ahead of them, overlap this block's
- *    exps) and its max goes to *mn;
- *  - without, the BLK elements after this block are prefetched. */
+ * memory is kept busy meanwhile: with xn, pass 1 of the next block (nn
+ * classes at xn) runs in the same loop and its max goes to *mn; its loads, and
+ * a prefetch PF_BYTES ahead of them (of the memory after this block without
+ * xn), overlap this block's exps. */
 FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, const T *w, const T *p,
                            T pa, T pb, VD *sums, T *e_out, const T *xn, int64_t nn, T *mn)
 {
@@ -430,6 +429,9 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, const T *w, c
      * double: the float error stays that of a 16-term sum for any L */
     enum { CHUNK = 16 };
     VD sd = sums[0], dd = sums[1], qd = sums[2];
+    /* the prefetch runs PF_BYTES ahead of pass 1's reads, and past them into the
+     * memory after: the next block, or the next row (harmless past the end) */
+    const T *ahead = xn ? xn : x + n;
     int64_t i = 0, covered = 0;
     while (i + 2 * L <= n) {
         int64_t end = i + CHUNK * 2 * L < n ? i + CHUNK * 2 * L : n;
@@ -438,7 +440,7 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, const T *w, c
             /* the usual case, without the tests of the loop below */
             for (; i + 2 * L <= end; i += 2 * L) {
                 for (int64_t b = 0; b < 2 * VB; b += 64)
-                    __builtin_prefetch((const char *)(xn + i) + PF_BYTES + b);
+                    __builtin_prefetch((const char *)(ahead + i) + PF_BYTES + b);
                 n0 = vmax(loadu(xn + i), n0);
                 n1 = vmax(loadu(xn + i + L), n1);
                 sum_pair(x, i, vk, qmode, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0);
@@ -446,16 +448,13 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, const T *w, c
             covered = i;
         } else {
             for (; i + 2 * L <= end; i += 2 * L) {
-                if (!xn) {
-                    for (int64_t b = 0; b < 2 * VB; b += 64)
-                        __builtin_prefetch((const char *)(x + i + BLK) + b);
-                } else if (i + 2 * L <= nn) {
-                    for (int64_t b = 0; b < 2 * VB; b += 64)
-                        __builtin_prefetch((const char *)(xn + i) + PF_BYTES + b);
+                if (xn && i + 2 * L <= nn) {
                     n0 = vmax(loadu(xn + i), n0);
                     n1 = vmax(loadu(xn + i + L), n1);
                     covered = i + 2 * L;
                 }
+                for (int64_t b = 0; b < 2 * VB; b += 64)
+                    __builtin_prefetch((const char *)(ahead + i) + PF_BYTES + b);
                 sum_pair(x, i, vk, qmode, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0);
             }
         }
