@@ -391,6 +391,12 @@ FCE_INLINE T block_max(const T *x, int64_t n)
     return hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
 }
 
+/* prefetch the lines of two vectors PF_BYTES after a */
+FCE_INLINE void prefetch_pair(const T *a)
+{
+    for (int64_t b = 0; b < 2 * VB; b += 64) __builtin_prefetch((const char *)a + PF_BYTES + b);
+}
+
 /* Pass 2's work on the two vectors at x + i: exps (kept in e_out), their sums
  * into s0, s1 and the class-coefficient terms into dd, q0. */
 FCE_INLINE void sum_pair(const T *x, int64_t i, V vk, int qmode, const T *w, const T *p, T pa,
@@ -413,11 +419,11 @@ FCE_INLINE void sum_pair(const T *x, int64_t i, V vk, int qmode, const T *w, con
 }
 
 /* Pass 2 of a block of n <= BLK classes shifted by mb (>= their max): its sums
- * s, d, q added to the lanes of sums[0..2] (and its exps in e_out). The block is in L1 after pass 1, so this is arithmetic;
- * memory is kept busy meanwhile: with xn, pass 1 of the next block (nn
- * classes at xn) runs in the same loop and its max goes to *mn; its loads, and
- * a prefetch PF_BYTES ahead of them (of the memory after this block without
- * xn), overlap this block's exps. */
+ * s, d, q added to the lanes of sums[0..2] (and its exps in e_out). The block
+ * is in L1 after pass 1, so this is arithmetic; memory is kept busy meanwhile:
+ * with xn, pass 1 of the next block (nn classes at xn) runs in the same loop
+ * and its max goes to *mn; its loads, and a prefetch PF_BYTES ahead of them
+ * (of the memory after this block without xn), overlap this block's exps. */
 FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, const T *w, const T *p,
                            T pa, T pb, VD *sums, T *e_out, const T *xn, int64_t nn, T *mn)
 {
@@ -436,27 +442,18 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, const T *w, c
     while (i + 2 * L <= n) {
         int64_t end = i + CHUNK * 2 * L < n ? i + CHUNK * 2 * L : n;
         V s0 = splat(0), s1 = s0, q0 = s0;
-        if (xn && end <= nn) {
-            /* the usual case, without the tests of the loop below */
-            for (; i + 2 * L <= end; i += 2 * L) {
-                for (int64_t b = 0; b < 2 * VB; b += 64)
-                    __builtin_prefetch((const char *)(ahead + i) + PF_BYTES + b);
-                n0 = vmax(loadu(xn + i), n0);
-                n1 = vmax(loadu(xn + i + L), n1);
-                sum_pair(x, i, vk, qmode, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0);
-            }
-            covered = i;
-        } else {
-            for (; i + 2 * L <= end; i += 2 * L) {
-                if (xn && i + 2 * L <= nn) {
-                    n0 = vmax(loadu(xn + i), n0);
-                    n1 = vmax(loadu(xn + i + L), n1);
-                    covered = i + 2 * L;
-                }
-                for (int64_t b = 0; b < 2 * VB; b += 64)
-                    __builtin_prefetch((const char *)(ahead + i) + PF_BYTES + b);
-                sum_pair(x, i, vk, qmode, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0);
-            }
+        /* with pass 1 of the next block while it lasts, then without */
+        int64_t with1 = !xn ? i : end < nn ? end : nn;
+        for (; i + 2 * L <= with1; i += 2 * L) {
+            prefetch_pair(ahead + i);
+            n0 = vmax(loadu(xn + i), n0);
+            n1 = vmax(loadu(xn + i + L), n1);
+            covered = i + 2 * L;
+            sum_pair(x, i, vk, qmode, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0);
+        }
+        for (; i + 2 * L <= end; i += 2 * L) {
+            prefetch_pair(ahead + i);
+            sum_pair(x, i, vk, qmode, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0);
         }
         sd += widen(s0 + s1);
         if (qmode != Q_NONE) qd += widen(q0);
