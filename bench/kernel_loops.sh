@@ -4,6 +4,10 @@
 #   bash bench/kernel_loops.sh [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
+    echo "kernel_loops: needs an x86-64 CPU with AVX-512 (and Linux); not this one" >&2
+    exit 1
+fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 flags="-std=c11 -O3 -Wall -Wextra -fno-math-errno -fopenmp"
