@@ -829,8 +829,12 @@ static double rows_no_output(const ctx *cx, int64_t r0, int64_t r1)
     const int64_t rs = cx->job->outer_stride, nn = cx->C < BLK ? cx->C : BLK;
     double acc = 0.0;
     T mb = NAN;
+    const int64_t N = cx->job->n_outer;
     for (int64_t r = r0; r < r1; r++) {
-        const T *xn = r + 1 < r1 ? cx->x + (r + 1) * rs : NULL;
+        /* the last row's pass 1 goes on into the next item's first row: its max
+         * is not passed on (that item may be another thread's), but the reads
+         * overlap this row's exps and leave the block in cache */
+        const T *xn = r + 1 < N ? cx->x + (r + 1) * rs : NULL;
         sample smp;
         fce_state st;
         if (row_state(cx, r, &smp, &st, NULL, NULL, mb, xn, nn, &mb))
