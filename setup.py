@@ -1,9 +1,12 @@
-"""Build fastce: the C kernel once per (dtype, instruction set), plus the Cython binding.
+"""Build fastce: the C kernel's paths once per (dtype, instruction set), its planner
+once per dtype, plus the Cython binding.
 
-csrc/fastce_kernel.c is the single kernel body. It is compiled eight times on
-x86-64 (float32/float64 x scalar/sse2/avx2/avx512; scalar/neon on arm64), each
-object with its own -D macros and its own target flags; csrc/fastce_dispatch.c
-picks one at run time from CPUID/XGETBV. No -march=native, no -ffast-math.
+csrc/fastce_kernel.c (the paths: rows.h, cols.h, segments.h on simd.h and vmath.h)
+is compiled once per (dtype, ISA) listed for this machine in csrc/variants.txt, the
+one table of per-ISA flags (float32/float64 x scalar/sse2/avx2/avx512 on x86-64,
+scalar/neon on arm64); csrc/fastce_planner.c (checks, partitioning, threads) once
+per dtype; csrc/fastce_dispatch.c picks a variant at run time from CPUID/XGETBV
+and the CPU's vendor and family. No -march=native, no -ffast-math.
 OpenMP is used when the compiler supports it (FASTCE_DISABLE_OPENMP=1 turns it off).
 """
 import os
@@ -19,19 +22,24 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
-HEADERS = [os.path.join(CSRC, h) for h in ("fastce.h", "fastce_internal.h")]
+HEADERS = [os.path.join(CSRC, h) for h in sorted(os.listdir(os.path.join(HERE, CSRC)))
+           if h.endswith(".h")]
 C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno"]
-# FMA contraction only where the instruction set has FMA.
-_AVX2 = ["-mavx2", "-mfma", "-ffp-contract=fast"]
-_AVX512 = ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"] + _AVX2
 
-_machine = platform.machine().lower()
-if _machine in ("x86_64", "amd64"):
-    VARIANTS = {"scalar": [], "sse2": [], "avx2": _AVX2, "avx512": _AVX512}
-elif _machine in ("aarch64", "arm64"):
-    VARIANTS = {"scalar": [], "neon": ["-ffp-contract=fast"]}
-else:
-    VARIANTS = {"scalar": []}
+
+def read_variants(machine):
+    """{isa: flags} for this machine, from csrc/variants.txt (the one table of flags)."""
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    variants = {}
+    with open(os.path.join(HERE, CSRC, "variants.txt")) as f:
+        for line in f:
+            fields = line.split("#", 1)[0].split()
+            if fields and fields[1] in ("any", arch):
+                variants[fields[0]] = fields[2:]
+    return variants
+
+
+VARIANTS = read_variants(platform.machine().lower())
 
 
 def _compiler_accepts(compiler_cmd, flag):
@@ -58,16 +66,21 @@ class BuildExt(build_ext):
             if _compiler_accepts(cmd, "-fopenmp"):
                 openmp = ["-fopenmp"]
         objects = []
+        # the paths: once per (ISA, dtype), each with its ISA's flags
         for isa, flags in VARIANTS.items():
             for dtype in (32, 64):
-                macros = [("FCE_DTYPE", str(dtype)), ("FCE_ISA", isa)]
-                if isa == "scalar":
-                    macros.append(("FCE_ISA_IS_SCALAR", "1"))
                 objects += cc.compile(
                     [os.path.join(CSRC, "fastce_kernel.c")],
                     output_dir=os.path.join(self.build_temp, f"kernel_{isa}_f{dtype}"),
-                    macros=macros, include_dirs=[CSRC],
+                    macros=[("FCE_DTYPE", str(dtype)), ("FCE_ISA", isa)], include_dirs=[CSRC],
                     extra_postargs=C_FLAGS + flags + openmp, depends=HEADERS)
+        # the planner: once per dtype, no ISA flags
+        for dtype in (32, 64):
+            objects += cc.compile(
+                [os.path.join(CSRC, "fastce_planner.c")],
+                output_dir=os.path.join(self.build_temp, f"planner_f{dtype}"),
+                macros=[("FCE_DTYPE", str(dtype))], include_dirs=[CSRC],
+                extra_postargs=C_FLAGS + openmp, depends=HEADERS)
         objects += cc.compile(
             [os.path.join(CSRC, "fastce_dispatch.c")], output_dir=self.build_temp,
             include_dirs=[CSRC], extra_postargs=C_FLAGS + openmp, depends=HEADERS)
@@ -86,7 +99,8 @@ extensions = [
         sources=["src/fastce/_core.pyx"],
         include_dirs=[CSRC, numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        depends=HEADERS + [os.path.join(CSRC, "fastce_kernel.c")],
+        depends=HEADERS + [os.path.join(CSRC, f) for f in
+                           ("fastce_kernel.c", "fastce_planner.c", "fastce_dispatch.c", "variants.txt")],
     )
 ]
 

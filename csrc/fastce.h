@@ -86,13 +86,18 @@ typedef struct {
 int fce_run_f32(fce_job *job);
 int fce_run_f64(fce_job *job);
 
-/* Instruction sets: names "scalar", "avx2", "avx512", "neon". */
+/* Instruction sets: names "scalar", "sse2", "avx2", "avx512", "neon".
+ * fce_isa_best() is the fastest variant for this CPU (not always the widest). */
 int fce_isa_count(void);
 const char *fce_isa_name(int index);        /* compiled-in ISA number index */
 int fce_isa_supported(int index);           /* 1 if this CPU/OS can run it */
 int fce_isa_best(void);
 int fce_isa_current(void);
 int fce_isa_select(int index);              /* FCE_OK or FCE_ERR_ISA */
+const char *fce_isa_reason(void);           /* why fce_isa_best() was chosen, in words */
+/* The software prefetch of the rows stream: -1 as chosen for this CPU, 0 off, 1 on. */
+int fce_prefetch_select(int prefetch);      /* FCE_OK or FCE_ERR_ARG */
+int fce_prefetch_current(void);
 
 /* Threads: the OpenMP runtime and the default thread count. */
 int fce_openmp_enabled(void);

@@ -12,36 +12,6 @@
 #define FCE_INLINE static inline
 #endif
 
-/* The online log-sum-exp state of a run of classes of one sample.
- *   m: the largest logit seen (NaN ignored; -inf when none is finite)
- *   s: sum of exp(x - k) with k = fce_shift(m)
- *   q: sum of the class coefficients q_c (weights, smoothing, probabilities)
- *   d: sum of q_c * (k - x_c), a sum of non-negative terms (no cancellation)
- * Shifting by k = 0 instead of m = -inf keeps exp(-inf - -inf) = NaN away while
- * leaving NaN logits to poison s, as they must. */
-typedef struct {
-    double m, s, d, q;
-} fce_state;
-
-static inline double fce_shift(double m) { return m == -INFINITY ? 0.0 : m; }
-
-/* a <- a merged with b (b holds classes after a's, for a fixed merge order).
- * With M = max(m_a, m_b), k = shift(M):
- *   s = s_a exp(k_a - k) + s_b exp(k_b - k)
- *   d = d_a + q_a (k - k_a) + d_b + q_b (k - k_b)      (all terms >= 0)
- * A zero s is not rescaled, so 0 * exp(+huge) never makes a NaN. */
-static inline void fce_state_merge(fce_state *a, const fce_state *b)
-{
-    double m = b->m > a->m ? b->m : a->m;
-    double k = fce_shift(m), ka = fce_shift(a->m), kb = fce_shift(b->m);
-    double sa = (a->s == 0.0 || ka == k) ? a->s : a->s * exp(ka - k);
-    double sb = (b->s == 0.0 || kb == k) ? b->s : b->s * exp(kb - k);
-    a->d = a->d + b->d + a->q * (k - ka) + b->q * (k - kb);
-    a->q += b->q;
-    a->s = sa + sb;
-    a->m = m;
-}
-
 /* Work partition, fixed by the shape alone (never by the thread count), so
  * that every reduction sums the same partials in the same order. */
 #define FCE_ITEM_ELEMS 32768      /* logits per work item (rows path) */
@@ -50,16 +20,13 @@ static inline void fce_state_merge(fce_state *a, const fce_state *b)
 #define FCE_STREAM_BYTES (8 << 20) /* outputs this large bypass the caches */
 #define FCE_COLS_MAX_C 1024       /* the columns layout keeps a C x 4-vector tile in cache */
 
-/* One kernel variant per (dtype, instruction set). */
-typedef int (*fce_run_fn)(fce_job *);
-typedef void (*fce_exp_f32_fn)(const float *, float *, int64_t);
-typedef void (*fce_exp_f64_fn)(const double *, double *, int64_t);
-
-#define FCE_DECLARE_VARIANT(isa)                                   \
-    int fce_run_f32_##isa(fce_job *job);                           \
-    int fce_run_f64_##isa(fce_job *job);                           \
-    void fce_exp_f32_##isa(const float *x, float *y, int64_t n);   \
-    void fce_exp_f64_##isa(const double *x, double *y, int64_t n);
+/* One kernel variant per (dtype, instruction set): its paths (fce_ctx.h), as a
+ * table the planner calls through. */
+struct fce_paths_f32;
+struct fce_paths_f64;
+#define FCE_DECLARE_VARIANT(isa)                              \
+    extern const struct fce_paths_f32 fce_paths_f32_##isa;    \
+    extern const struct fce_paths_f64 fce_paths_f64_##isa;
 
 FCE_DECLARE_VARIANT(scalar)
 #if defined(__x86_64__) || defined(_M_X64)
@@ -71,6 +38,16 @@ FCE_DECLARE_VARIANT(avx512)
 #define FCE_ARM64 1
 FCE_DECLARE_VARIANT(neon)
 #endif
+
+/* Tuning of the paths that is chosen per CPU at run time, not per ISA. */
+typedef struct {
+    int prefetch; /* software prefetch in the rows stream: 0 none, 1 PF_BYTES ahead */
+} fce_tuning;
+
+/* The variant and tuning in use (fastce_dispatch.c). */
+const struct fce_paths_f32 *fce_current_paths_f32(void);
+const struct fce_paths_f64 *fce_current_paths_f64(void);
+const fce_tuning *fce_current_tuning(void);
 
 /* Threads to use for a job touching `elems` logits (n_threads <= 0: choose). */
 int fce_pick_threads(int n_threads, int64_t elems, int64_t n_items);

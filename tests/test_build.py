@@ -11,11 +11,19 @@ import fastce
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-AVX2 = ["-mavx2", "-mfma", "-ffp-contract=fast"]
-VARIANTS = {"scalar": ["-DFCE_ISA_IS_SCALAR=1"]}
-if platform.machine().lower() in ("x86_64", "amd64"):
-    VARIANTS.update(sse2=[], avx2=AVX2,
-                    avx512=["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"] + AVX2)
+
+
+def variants():
+    """{isa: flags} for this machine from csrc/variants.txt, the one table of flags."""
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(),
+                                                       platform.machine().lower())
+    out = {}
+    with open(os.path.join(CSRC, "variants.txt")) as f:
+        for line in f:
+            fields = line.split("#", 1)[0].split()
+            if fields and fields[1] in ("any", arch):
+                out[fields[0]] = fields[2:]
+    return out
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
@@ -25,11 +33,17 @@ def test_kernel_compiles_without_warnings(isa, tmp_path, openmp):
     if isa != fastce.available_isas()[0]:
         pytest.skip("ISA-independent; compiled once")
     flags = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fno-math-errno"] + openmp
-    for name, extra in VARIANTS.items():
+    table = variants()
+    assert "scalar" in table
+    for name, extra in table.items():
         for dtype in ("32", "64"):
             subprocess.run(["cc", *flags, *extra, f"-DFCE_DTYPE={dtype}", f"-DFCE_ISA={name}",
                             "-c", os.path.join(CSRC, "fastce_kernel.c"),
                             "-o", str(tmp_path / f"k_{name}_{dtype}.o")],
                            check=True, capture_output=True)
+    for dtype in ("32", "64"):
+        subprocess.run(["cc", *flags, f"-DFCE_DTYPE={dtype}", "-c",
+                        os.path.join(CSRC, "fastce_planner.c"),
+                        "-o", str(tmp_path / f"planner_{dtype}.o")], check=True, capture_output=True)
     subprocess.run(["cc", *flags, "-c", os.path.join(CSRC, "fastce_dispatch.c"),
                     "-o", str(tmp_path / "dispatch.o")], check=True, capture_output=True)

@@ -48,8 +48,58 @@ def test_fastce_isa_environment_variable(isa):
     out = _run_python("import fastce; print(fastce.get_isa())", FASTCE_ISA=isa)
     assert out.stdout.strip() == isa
     out = _run_python("import fastce; print(fastce.get_isa())", FASTCE_ISA="nonsense")
-    assert out.stdout.strip() == fastce.available_isas()[-1]
+    assert out.stdout.strip() == fastce.best_isa()
     assert "FASTCE_ISA ignored" in out.stderr
+
+
+def test_best_isa_is_supported_and_explained(isa):
+    # chosen by merit (vendor/family table), so not necessarily the widest; always supported
+    assert fastce.best_isa() in fastce.available_isas()
+    reason = fastce.isa_reason()
+    assert "family" in reason and len(reason) > 20
+    cfg = fastce.get_config()
+    assert cfg["isa_best"] == fastce.best_isa() and cfg["isa_reason"] == reason
+    assert isinstance(cfg["prefetch"], bool)
+
+
+# The software prefetch is a per-CPU tuning of the rows stream: it must change speed
+# only, never a bit of any result, on every path that streams rows (forward, gradient,
+# long-row segments, log-softmax, logsumexp, smoothing and probability targets).
+def test_prefetch_tuning_changes_no_result(isa):
+    rng = np.random.default_rng(11)
+    cases = [(3, 5000), (2, 140000), (70, 300)]
+    before = fastce.get_prefetch()
+    try:
+        for shape in cases:
+            x = (rng.standard_normal(shape) * 3).astype(np.float32)
+            t = rng.integers(0, shape[1], shape[0])
+            p = rng.random(shape).astype(np.float32)
+            p /= p.sum(1, keepdims=True)
+            results = []
+            for mode in (False, True):
+                fastce.set_prefetch(mode)
+                assert fastce.get_prefetch() is mode
+                results.append([
+                    fastce.cross_entropy(x, t, reduction="none"),
+                    fastce.cross_entropy_with_grad(x, t, label_smoothing=0.1)[1],
+                    fastce.cross_entropy_with_grad(x, p)[1],
+                    fastce.log_softmax(x), fastce.logsumexp(x),
+                ])
+            for a, b in zip(*results):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        fastce.set_prefetch("auto")
+    assert fastce.get_prefetch() == before
+    with pytest.raises(ValueError, match="prefetch mode"):
+        fastce.set_prefetch(2)
+
+
+def test_fastce_prefetch_environment_variable(isa):
+    code = "import fastce; print(fastce.get_prefetch())"
+    assert _run_python(code, FASTCE_PREFETCH="1").stdout.strip() == "True"
+    assert _run_python(code, FASTCE_PREFETCH="0").stdout.strip() == "False"
+    out = _run_python(code, FASTCE_PREFETCH="sometimes")
+    assert "FASTCE_PREFETCH ignored" in out.stderr
 
 
 # The exp's error bound: float32 results within 1 ulp of the float32-rounded truth

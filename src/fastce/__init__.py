@@ -12,12 +12,17 @@ Public API: :func:`cross_entropy`, :func:`cross_entropy_with_grad`,
 :func:`log_softmax`, :func:`logsumexp`; the slow pure-NumPy twin in
 :mod:`fastce.reference`; a PyTorch autograd drop-in in :mod:`fastce.torch`
 (imported on demand); :func:`available_isas`, :func:`get_isa`,
-:func:`set_isa`, :func:`use_isa`, :func:`get_config`, :func:`show_config`.
+:func:`set_isa`, :func:`use_isa`, :func:`best_isa`, :func:`isa_reason`,
+:func:`get_prefetch`, :func:`set_prefetch`, :func:`get_config`, :func:`show_config`.
 """
 import contextlib as _contextlib
 
 from ._core import (
     available_isas,
+    best_isa,
+    get_prefetch,
+    isa_reason,
+    set_prefetch,
     cross_entropy,
     cross_entropy_with_grad,
     get_isa,
@@ -38,6 +43,10 @@ __all__ = [
     "get_isa",
     "set_isa",
     "use_isa",
+    "best_isa",
+    "isa_reason",
+    "get_prefetch",
+    "set_prefetch",
     "get_config",
     "show_config",
     "__version__",
@@ -64,13 +73,17 @@ def use_isa(name):
 def get_config():
     """The build and run-time configuration as a dict.
 
-    Keys: ``version``, ``isa`` (in use), ``isas_available`` (this CPU),
+    Keys: ``version``, ``isa`` (in use), ``isa_best`` (chosen for this CPU by merit),
+    ``isa_reason`` (why, in words), ``prefetch`` (the rows stream's software
+    prefetch, chosen per CPU family), ``isas_available`` (this CPU),
     ``isas_compiled``, ``openmp`` (bool), ``openmp_flags``, ``c_flags``,
     ``max_threads`` (OpenMP's), ``default_threads`` (0: chosen per call from
     the input size; set by ``FASTCE_NUM_THREADS``), and ``threadpools``: what
     threadpoolctl reports for this process, when it is installed.
     """
-    info = {"version": __version__, "isa": get_isa(), "isas_available": available_isas()}
+    info = {"version": __version__, "isa": get_isa(), "isa_best": best_isa(),
+            "isa_reason": isa_reason(), "prefetch": get_prefetch(),
+            "isas_available": available_isas()}
     info.update(_build_info())
     try:
         import threadpoolctl

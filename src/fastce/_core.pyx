@@ -49,6 +49,9 @@ cdef extern from "fastce.h" nogil:
     int fce_isa_best()
     int fce_isa_current()
     int fce_isa_select(int index)
+    const char *fce_isa_reason()
+    int fce_prefetch_select(int prefetch)
+    int fce_prefetch_current()
     int fce_openmp_enabled()
     int fce_max_threads()
     void fce_exp_f32(const float *x, float *y, int64_t n)
@@ -123,7 +126,8 @@ def available_isas():
     -------
     list of str
         A subset of ``["scalar", "sse2", "avx2", "avx512"]`` on x86-64
-        (``["scalar", "neon"]`` on arm64); the last one is the default.
+        (``["scalar", "neon"]`` on arm64). The default is :func:`best_isa`, the
+        fastest on this CPU, which is not always the last (widest) one.
     """
     return [n for i, n in enumerate(_isa_names()) if fce_isa_supported(i)]
 
@@ -131,10 +135,38 @@ def get_isa():
     """The name of the instruction-set variant in use, e.g. ``"avx512"``."""
     return fce_isa_name(fce_isa_current()).decode()
 
+def best_isa():
+    """The variant chosen for this CPU at import: the fastest one it supports.
+
+    Chosen by merit from a small table by CPU vendor and family (measured), not
+    only by width; :func:`isa_reason` says why.
+    """
+    return fce_isa_name(fce_isa_best()).decode()
+
+def isa_reason():
+    """Why :func:`best_isa` and the tuning were chosen, in words (CPU vendor, family, model)."""
+    return fce_isa_reason().decode()
+
+def get_prefetch():
+    """True when the rows stream issues software prefetches (chosen per CPU family)."""
+    return bool(fce_prefetch_current())
+
+def set_prefetch(mode):
+    """Force the rows stream's software prefetch: ``True``, ``False``, or ``"auto"``
+    (as chosen for this CPU). ``FASTCE_PREFETCH=0|1|auto`` does the same at import.
+    Results do not depend on it, only speed."""
+    if mode == "auto":
+        code = -1
+    elif mode is True or mode is False:
+        code = int(mode)
+    else:
+        raise ValueError(f"prefetch mode must be True, False or 'auto', got {mode!r}")
+    fce_prefetch_select(code)
+
 def set_isa(name):
     """Use the kernel variant ``name`` (one of :func:`available_isas`) from now on.
 
-    ``"best"`` selects the fastest variant this CPU supports. The
+    ``"best"`` selects :func:`best_isa`, the fastest variant for this CPU. The
     ``FASTCE_ISA`` environment variable does the same at import.
     """
     names = _isa_names()
@@ -163,6 +195,15 @@ if _env_isa:
         set_isa(_env_isa)
     except ValueError as exc:
         warnings.warn(f"FASTCE_ISA ignored: {exc}", RuntimeWarning, stacklevel=2)
+
+_env_prefetch = os.environ.get("FASTCE_PREFETCH")
+if _env_prefetch:
+    _modes = {"0": False, "1": True, "auto": "auto"}
+    if _env_prefetch.strip().lower() in _modes:
+        set_prefetch(_modes[_env_prefetch.strip().lower()])
+    else:
+        warnings.warn(f"FASTCE_PREFETCH ignored: {_env_prefetch!r} is not 0, 1 or auto",
+                      RuntimeWarning, stacklevel=2)
 
 
 def _exp(x):

@@ -1,0 +1,254 @@
+/* fastce_planner.c: the ISA-neutral half of a job, compiled once per dtype.
+ *
+ * Checks the job, pre-scans the targets (the mean's denominator must be known
+ * before any gradient is written), cuts the work into items by the shape alone,
+ * allocates scratch, runs the items on OpenMP threads through the paths of the
+ * variant in use (fastce_dispatch.c), merges long rows' segment states in a
+ * fixed order and adds the per-item partial losses in item order, so results
+ * are bit-identical for any thread count. No vector code here. */
+#include <stdlib.h>
+#include <string.h>
+#include "fce_ctx.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Check the targets of samples [s0, s1): the first bad one is reported
+ * (position, value) and 0 returned; *wsum gets the weight of the kept ones. */
+static int check_targets(const ctx *cx, int64_t s0, int64_t s1, double *wsum,
+                         int64_t *bad_pos, int64_t *bad_val)
+{
+    const fce_job *job = cx->job;
+    double acc = 0.0;
+    if (!cx->has_y) {
+        *wsum = (double)(s1 - s0);
+        return 1;
+    }
+    for (int64_t s = s0; s < s1; s++) {
+        int64_t y = job->target[s];
+        if (y == job->ignore_index) continue;
+        if (y < 0 || y >= cx->C) {
+            *bad_pos = s;
+            *bad_val = y;
+            return 0;
+        }
+        acc += cx->w ? (double)cx->w[y] : 1.0;
+    }
+    *wsum = acc;
+    return 1;
+}
+
+
+/* Run fn on items first..last-1 (tid: the thread's number, for its scratch);
+ * results go to per-item slots, so the order of completion (and the thread
+ * count) never changes a result. `fixed`: a static schedule, so two calls over
+ * the same items give each thread the same items (its L2 still holds them). */
+static void for_items(int nt, int64_t first, int64_t last, int fixed, item_fn fn,
+                      const ctx *cx)
+{
+#ifdef _OPENMP
+    if (nt > 1 && fixed) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+        for (int64_t it = first; it < last; it++) fn(cx, it, omp_get_thread_num());
+        return;
+    }
+    if (nt > 1) {
+        /* dynamic, for balance, but in runs of consecutive items (about 8 per
+         * thread): each thread streams through contiguous memory, where its
+         * prefetches (of the bytes after each block) are its own next input */
+        int64_t run = (last - first) / (8 * (int64_t)nt);
+        if (run < 1) run = 1;
+#pragma omp parallel num_threads(nt)
+        {
+            int tid = omp_get_thread_num();
+#pragma omp for schedule(dynamic, run)
+            for (int64_t it = first; it < last; it++) fn(cx, it, tid);
+        }
+        return;
+    }
+#else
+    (void)nt;
+    (void)fixed;
+#endif
+    for (int64_t it = first; it < last; it++) fn(cx, it, 0);
+}
+
+/* rows layout, C > SEG: merge row r's segment states in order, finish the row
+ * (its loss goes to the partial of its first segment) */
+static void finish_long_row(ctx *cx, int64_t r)
+{
+    const fce_job *job = cx->job;
+    sample *smp = &cx->smps[r];
+    fce_state *st = &cx->states[r * cx->nseg];
+    for (int64_t i = 1; i < cx->nseg; i++) fce_state_merge(st, &st[i]);
+    cx->partials[r * cx->nseg] = 0.0;
+    if (!sample_target(cx, r, smp)) return;
+    if (cx->has_y) smp->xy = (double)cx->x[r * job->outer_stride + smp->y];
+    cx->partials[r * cx->nseg] =
+        finish_sample(cx, r, st, log(st->s), smp, cx->x + r * job->outer_stride, 1);
+}
+
+int NAME(fce_run)(fce_job *job)
+{
+    const paths *pt = NAME(fce_current_paths)();
+    ctx cx;
+    memset(&cx, 0, sizeof cx);
+    cx.tune = *fce_current_tuning();
+    cx.job = job;
+    cx.op = job->op;
+    cx.reduction = job->reduction;
+    cx.C = job->n_classes;
+    cx.x = (const T *)job->x;
+    cx.w = (const T *)job->weight;
+    cx.p = (const T *)job->prob;
+    cx.g = (T *)job->grad;
+    cx.want_out = job->grad != NULL;
+    /* a large output not aliasing the input: stream it past the caches */
+    cx.stream = cx.want_out && job->grad != job->x &&
+                job->n_outer * job->n_classes * job->n_inner * (int64_t)sizeof(T) >= FCE_STREAM_BYTES;
+    cx.has_y = job->op == FCE_OP_LOSS && job->target != NULL;
+    const int64_t C = cx.C, N = job->n_outer, D = job->n_inner;
+    const int64_t n_samples = N * D;
+    job->loss_reduced = 0.0;
+    job->weight_total = 0.0;
+    if (C <= 0) return FCE_ERR_ARG;
+
+    if (job->op == FCE_OP_LOSS) {
+        double eps = job->label_smoothing;
+        if (cx.has_y) {
+            cx.a0 = 1.0 - eps;
+            cx.b = eps / (double)C;
+            cx.qmode = eps > 0 ? (cx.w ? Q_W : Q_ONE) : Q_NONE;
+        } else if (cx.p) {
+            cx.a0 = 0.0;
+            cx.b = 1.0;
+            cx.pa = (T)(1.0 - eps);
+            cx.pb = (T)(eps / (double)C);
+            cx.qmode = cx.w ? Q_PW : Q_P;
+        } else {
+            return FCE_ERR_ARG;
+        }
+    }
+    if (n_samples == 0) {
+        job->loss_reduced = job->reduction == FCE_REDUCE_MEAN ? NAN : 0.0;
+        return FCE_OK;
+    }
+    const int rows = D == 1 && job->class_stride == 1;
+    const int cols = !rows && job->inner_stride == 1;
+    if (!rows && !cols) return FCE_ERR_ARG;
+    if (cols && C > FCE_COLS_MAX_C) return FCE_ERR_ARG;
+    if (cx.p && rows && job->prob_class_stride != 1) return FCE_ERR_ARG;
+    if (cx.p && cols && job->prob_inner_stride != 1) return FCE_ERR_ARG;
+    if (cx.g && rows && job->grad_class_stride != 1) return FCE_ERR_ARG;
+    if (cx.g && cols && job->grad_inner_stride != 1) return FCE_ERR_ARG;
+
+    /* The mean's denominator must be known before gradients are written. */
+    if (cx.has_y || cx.p) {
+        int64_t bad_pos = 0, bad_val = 0;
+        if (!check_targets(&cx, 0, n_samples, &job->weight_total, &bad_pos, &bad_val)) {
+            job->bad_position = bad_pos;
+            job->bad_value = bad_val;
+            return FCE_ERR_TARGET;
+        }
+        cx.gscale = job->grad_output_scalar;
+        if (job->reduction == FCE_REDUCE_MEAN) cx.gscale /= job->weight_total;
+    }
+    if (n_samples == 0) {
+        job->loss_reduced = job->reduction == FCE_REDUCE_MEAN ? NAN : 0.0;
+        return FCE_OK;
+    }
+
+    /* Work items: runs of whole rows, row segments, or (outer, position tile). */
+    cx.seg = rows && C > SEG ? SEG : C;
+    cx.nseg = (C + cx.seg - 1) / cx.seg;
+    int64_t n_items;
+    item_fn fn;
+    const int64_t G = pt->group, rs = job->outer_stride;
+    if (rows && cx.nseg == 1) {
+        cx.per_item = FCE_ITEM_ELEMS / C;
+        if (C <= FCE_SMALL_C) cx.per_item = (cx.per_item + G - 1) / G * G;
+        if (cx.per_item < 1) cx.per_item = 1;
+        n_items = (N + cx.per_item - 1) / cx.per_item;
+        if (C > FCE_SMALL_C)
+            fn = cx.g ? pt->rows_with_output : pt->rows_no_output;
+        else if (!cx.want_out && cx.has_y && cx.qmode == Q_NONE &&
+                 (rs < 0 ? -rs : rs) <= INT32_MAX / pt->lanes) /* gather offsets fit int32 */
+            fn = pt->rows_small_c_loss;
+        else
+            fn = pt->rows_small_c;
+    } else if (rows) {
+        n_items = N * cx.nseg;
+        fn = pt->segment_stats;
+    } else {
+        cx.per_item = FCE_ITEM_ELEMS / C;
+        cx.per_item = cx.per_item < G ? G : cx.per_item / G * G;
+        cx.tiles = (D + cx.per_item - 1) / cx.per_item;
+        n_items = N * cx.tiles;
+        fn = pt->cols;
+    }
+    int nt = fce_pick_threads(job->n_threads, N * C * D, n_items);
+    int status = FCE_OK;
+
+    double stack_partials[64];
+    cx.partials = n_items <= 64 ? stack_partials : malloc((size_t)n_items * sizeof(double));
+    /* gradient of whole rows: keep pass 2's exps so the write pass needs none */
+    if (fn == pt->rows_with_output && cx.op == FCE_OP_LOSS) {
+        cx.scratch_len = (C + 15) / 16 * 16; /* 64-byte multiples */
+        cx.scratch = malloc((size_t)(nt * cx.scratch_len) * sizeof(T));
+        if (!cx.scratch) {
+            status = FCE_ERR_NOMEM;
+            goto done;
+        }
+    }
+    if (fn == pt->segment_stats) {
+        cx.states = malloc((size_t)n_items * sizeof(fce_state));
+        cx.smps = malloc((size_t)N * sizeof(sample));
+        cx.mass = malloc((size_t)n_items * sizeof(double));
+    }
+    if (!cx.partials || (fn == pt->segment_stats && (!cx.states || !cx.smps || !cx.mass))) {
+        status = FCE_ERR_NOMEM;
+        goto done;
+    }
+
+    if (fn != pt->segment_stats) {
+        for_items(nt, 0, n_items, 0, fn, &cx);
+    } else if (!cx.want_out) {
+        for_items(nt, 0, n_items, 0, fn, &cx);
+        for (int64_t r = 0; r < N; r++) finish_long_row(&cx, r);
+    } else {
+        /* With an output, a few rows at a time (about one segment per thread):
+         * the write pass finds its segment still in the L2 of the thread that
+         * read it (same static schedule), instead of reading it from memory again. */
+        int64_t group = nt > cx.nseg ? nt / cx.nseg : 1;
+        for (int64_t r0 = 0; r0 < N; r0 += group) {
+            int64_t r1 = r0 + group < N ? r0 + group : N;
+            for_items(nt, r0 * cx.nseg, r1 * cx.nseg, 1, pt->segment_stats, &cx);
+            for (int64_t r = r0; r < r1; r++) finish_long_row(&cx, r);
+            for_items(nt, r0 * cx.nseg, r1 * cx.nseg, 1, pt->segment_write, &cx);
+            /* after every segment is written (out may alias x) */
+            for (int64_t r = r0; r < r1 && cx.has_y && cx.op == FCE_OP_LOSS; r++) {
+                if (cx.smps[r].ignored) continue;
+                double others = 0.0;
+                for (int64_t i = 0; i < cx.nseg; i++) others += cx.mass[r * cx.nseg + i];
+                cx.g[r * job->grad_outer_stride + cx.smps[r].y] =
+                    target_grad(&cx, &cx.smps[r], cx.states[r * cx.nseg].q, others);
+            }
+        }
+    }
+
+    double total = 0.0;
+    for (int64_t it = 0; it < n_items; it += fn == pt->segment_stats ? cx.nseg : 1)
+        total += cx.partials[it];
+    job->loss_reduced = job->reduction == FCE_REDUCE_MEAN ? total / job->weight_total : total;
+
+done:
+    if (cx.partials != stack_partials) free(cx.partials);
+    free(cx.states);
+    free(cx.smps);
+    free(cx.mass);
+    free(cx.scratch);
+    return status;
+}
+
+void NAME(fce_exp)(const T *x, T *y, int64_t n) { NAME(fce_current_paths)()->exp(x, y, n); }

@@ -1,0 +1,170 @@
+/* fce_ctx.h: what the planner hands to the paths, and the one per-sample finish.
+ *
+ * ISA-neutral, per dtype: included by the planner (compiled once per dtype) and
+ * by every kernel variant. The maths of a sample, once its state is known
+ * (lse_state.h), is written here and nowhere else:
+ *   lse  = k + ls,  ls = log s
+ *   loss = a ((k - x_y) + ls) + b (d + q ls)   (LOSS_TARGET + LOSS_COEFS)
+ *   d loss / d x_c = c1 softmax_c - c2 q_c  (- a gs at c = y),
+ *   c1 = gs (a + b q),  c2 = gs b
+ * with, for class-index targets y:  a = (1 - eps) w_y, b = eps / C, q_c = w_c (or 1)
+ *      for probability targets p:   a = 0,             b = 1,       q_c = w_c ((1-eps) p_c + eps/C)
+ * and gs the upstream gradient of the sample. The formulas are macros so that
+ * the same text serves one sample in double and L samples in double lanes. */
+#ifndef FCE_CTX_H
+#define FCE_CTX_H
+
+#include "fce_dtype.h"
+#include "fastce_internal.h"
+#include "lse_state.h"
+
+/* the class coefficients q_c of a job: none, ones (smoothing), weights
+ * (smoothing with weights), probabilities, probabilities with weights */
+enum { Q_NONE = 0, Q_ONE, Q_W, Q_P, Q_PW };
+
+/* the loss's two terms: the target's (index targets) and the coefficients' (smoothing,
+ * probabilities); a term that does not apply is left out, not multiplied by 0 (ls may be
+ * -inf or NaN) */
+#define LOSS_TARGET(a, k, xy, ls) ((a) * (((k) - (xy)) + (ls)))
+#define LOSS_COEFS(b, d, q, ls) ((b) * ((d) + (q) * (ls)))
+#define GRAD_C1(gs, a, b, q) ((gs) * ((a) + (b) * (q)))
+#define GRAD_C2(gs, b) ((gs) * (b))
+
+typedef struct NAME(fce_ctx) ctx;
+typedef struct sample sample;
+
+/* One work item of a path: items are numbered by the planner, which runs
+ * them on its threads (tid: the thread's number, for its scratch). */
+typedef void (*item_fn)(const ctx *cx, int64_t it, int tid);
+
+/* The paths of one kernel variant (fastce_kernel.c), as the planner calls them. */
+struct NAME(fce_paths) {
+    int64_t lanes;                /* L: vector lanes of T */
+    int64_t group;                /* positions per column tile (small C, K-dim) */
+    item_fn rows_small_c_loss;    /* C <= FCE_SMALL_C, loss only, index targets, no smoothing */
+    item_fn rows_small_c;         /* C <= FCE_SMALL_C, anything else */
+    item_fn rows_no_output;       /* FCE_SMALL_C < C <= SEG, no output */
+    item_fn rows_with_output;     /* FCE_SMALL_C < C <= SEG, gradient or log-softmax */
+    item_fn segment_stats;        /* C > SEG: the state of one row segment */
+    item_fn segment_write;        /* C > SEG: the output of one row segment */
+    item_fn cols;                 /* K-dim: a tile of positions of one outer index */
+    void (*exp)(const T *x, T *y, int64_t n);
+};
+typedef struct NAME(fce_paths) paths;
+
+struct NAME(fce_ctx) {
+    const fce_job *job;
+    int op, reduction, qmode, has_y, want_out;
+    int stream;          /* write the output with non-temporal stores */
+    fce_tuning tune;     /* per CPU, chosen at run time (fastce_dispatch.c) */
+    int64_t C;
+    const T *x;
+    const T *w;
+    const T *p;
+    T *g;
+    T pa, pb;            /* q from probabilities: (pa p + pb) (* w) */
+    double a0, b;        /* a = a0 * w_y; b as in the header comment */
+    double gscale;       /* upstream gradient for sum/mean, / total for mean */
+    /* the work plan */
+    int64_t per_item, seg, nseg, tiles;
+    double *partials;    /* one loss sum per work item */
+    fce_state *states;   /* long rows: one state per segment */
+    sample *smps;        /* long rows: one finished sample per row */
+    double *mass;        /* long rows: softmax mass written per segment, target left out */
+    T *scratch;          /* rows with a gradient: per thread, room for one row's exps */
+    int64_t scratch_len;
+};
+
+/* Rows are processed in blocks of BLK elements (4 KiB): pass 1 brings a block
+ * into L1, pass 2 reads it from there. Rows longer than SEG are split. */
+#define BLK ((int64_t)(4096 / sizeof(T)))
+#define SEG ((int64_t)(FCE_SEG_BYTES / sizeof(T)))
+
+/* ------------------------------------------------- per-sample finishing */
+
+/* Everything a sample needs after its state is known. */
+struct sample {
+    int ignored;
+    int64_t y;
+    double xy, a, k, ls, gs;   /* gs: the upstream gradient scale of this sample */
+};
+
+/* 1 if any of the n logits at x[0], x[stride], ... is NaN */
+static inline int any_nan(const T *x, int64_t stride, int64_t n)
+{
+    for (int64_t c = 0; c < n; c++)
+        if (x[c * stride] != x[c * stride]) return 1;
+    return 0;
+}
+
+/* The upstream gradient of sample s. */
+static inline double sample_gs(const ctx *cx, int64_t s)
+{
+    if (cx->reduction != FCE_REDUCE_NONE) return cx->gscale;
+    return cx->job->grad_output ? (double)((const T *)cx->job->grad_output)[s] : 1.0;
+}
+
+/* Target and weight of sample s; returns 0 if ignored (its loss is written 0). */
+static inline int sample_target(const ctx *cx, int64_t s, sample *smp)
+{
+    smp->ignored = 0;
+    smp->y = 0;
+    smp->xy = smp->k = smp->ls = 0.0;
+    smp->gs = 1.0;
+    smp->a = cx->a0;
+    if (!cx->has_y) return 1;
+    int64_t y = cx->job->target[s];
+    smp->y = y;
+    if (y == cx->job->ignore_index) {
+        smp->ignored = 1;
+        if (cx->job->loss_out) ((T *)cx->job->loss_out)[s] = 0;
+        return 0;
+    }
+    if (cx->w) smp->a = cx->a0 * (double)cx->w[y];
+    return 1;
+}
+
+/* Finish sample number s with state st and ls = log(st->s): writes its
+ * log-sum-exp (FCE_OP_LOGSUMEXP) or its loss (loss_out), fills in smp for the
+ * write pass and returns the loss. x, stride: the sample's logits (read only in
+ * the rare +inf case). */
+static inline double finish_sample(const ctx *cx, int64_t s, const fce_state *st, double ls,
+                                   sample *smp, const T *x, int64_t stride)
+{
+    const fce_job *job = cx->job;
+    smp->k = fce_shift(st->m);
+    smp->ls = ls;
+    if (cx->op == FCE_OP_LOGSUMEXP) {
+        /* a +inf logit: the sum is inf (not the NaN of inf - inf), unless a NaN is there */
+        double lse = smp->k + smp->ls;
+        if (st->m == INFINITY) lse = any_nan(x, stride, cx->C) ? NAN : INFINITY;
+        ((T *)job->lse_out)[s] = (T)lse;
+        return 0.0;
+    }
+    if (cx->op == FCE_OP_LOG_SOFTMAX) return 0.0;
+    double loss = 0.0;
+    if (cx->has_y) loss = LOSS_TARGET(smp->a, smp->k, smp->xy, smp->ls);
+    if (cx->qmode != Q_NONE) loss += LOSS_COEFS(cx->b, st->d, st->q, smp->ls);
+    if (cx->want_out) smp->gs = sample_gs(cx, s);
+    if (job->loss_out) ((T *)job->loss_out)[s] = (T)loss;
+    return loss;
+}
+
+/* The gradient of the target class, in double:
+ *   gs (a (p_y - 1) + b (q p_y - q_y)).
+ * p_y - 1 cancels when p_y ~ 1: there it is -(the softmax mass of the other
+ * classes), summed while the other gradients were written; else expm1(z). */
+static inline T target_grad(const ctx *cx, const sample *smp, double qsum, double others)
+{
+    double z = (smp->xy - smp->k) - smp->ls;
+    double py = exp(z);
+    double pym1 = py > 0.5 ? -others : expm1(z);
+    double g = smp->a * pym1;
+    if (cx->qmode != Q_NONE) {
+        double qy = cx->w ? (double)cx->w[smp->y] : 1.0;
+        g += cx->b * (qsum * pym1 + (qsum - qy));
+    }
+    return (T)(smp->gs * g);
+}
+
+#endif

@@ -1,0 +1,437 @@
+/* rows.h: the rows stream, C > FCE_SMALL_C classes contiguous per sample.
+ *
+ * Online (one read of the row): split the row into blocks that fit in L1.
+ * For each block b: its max m_b (pass 1, from memory), then with the running
+ * max M = max(m_0..m_b)
+ *   s += sum exp(x - M), d += sum q (M - x), q += sum q  (pass 2, from L1),
+ * so each element costs one exp. Pass 1 of the next block (or of the next row's
+ * first block) runs inside pass 2's loop, so its memory reads overlap the exps.
+ * The sums stay in double vector lanes while M stays; when M grows they are
+ * reduced and merged into the state (fce_state_merge), as are the states of row
+ * segments (segments.h). rows_no_output: the forward, each row's first block
+ * scanned while the row before is summed; row_one with an output: pass 2's exps
+ * kept for the gradient, written by write_row_kept.
+ * Included once per (dtype, instruction set) by fastce_kernel.c. */
+#ifndef FCE_ROWS_H
+#define FCE_ROWS_H
+
+#include "vmath.h"
+#include "fce_ctx.h"
+
+/* software prefetch distance, bytes ahead of pass 1 (where the tuning asks for it) */
+#ifndef PF_BYTES
+#define PF_BYTES 2048
+#endif
+
+/* the coefficients q for classes [c, c+n) of a row, as a vector from lane 0 */
+FCE_INLINE V qload(int qmode, const T *w, const T *p, int64_t n, T pa, T pb)
+{
+    V q;
+    switch (qmode) {
+    case Q_ONE: q = splat(1); break;
+    case Q_W: q = loadn(w, n, 0); break;
+    case Q_P: q = loadn(p, n, 0) * pa + pb; break;
+    case Q_PW: q = (loadn(p, n, 0) * pa + pb) * loadn(w, n, 0); break;
+    default: q = splat(0); break;
+    }
+    if (n < L)
+        for (int64_t i = n < 0 ? 0 : n; i < L; i++) q[i] = 0;
+    return q;
+}
+
+/* Pass 1 of a block: the max of n contiguous classes (NaN never wins), read
+ * from memory (with pf, a software prefetch PF_BYTES ahead). */
+FCE_INLINE T block_max(const T *x, int64_t n, int pf)
+{
+    V m0 = splat(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    int64_t i = 0;
+    for (; i + 4 * L <= n; i += 4 * L) {
+        if (pf)
+            for (int64_t b = 0; b < 4 * VB; b += 64)
+                __builtin_prefetch((const char *)(x + i) + PF_BYTES + b);
+        m0 = vmax(loadu(x + i), m0);
+        m1 = vmax(loadu(x + i + L), m1);
+        m2 = vmax(loadu(x + i + 2 * L), m2);
+        m3 = vmax(loadu(x + i + 3 * L), m3);
+    }
+    for (; i < n; i += L) m0 = vmax(loadn(x + i, n - i, -INFINITY), m0);
+    return hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
+}
+
+/* prefetch the lines of two vectors PF_BYTES after a */
+FCE_INLINE void prefetch_pair(const T *a, int pf)
+{
+    if (pf)
+        for (int64_t b = 0; b < 2 * VB; b += 64) __builtin_prefetch((const char *)a + PF_BYTES + b);
+}
+
+/* Pass 2's work on the two vectors at x + i: exps (kept in e_out), their sums
+ * into s0, s1 and the class-coefficient terms into dd, q0. */
+FCE_INLINE void sum_pair(const T *x, int64_t i, V vk, int qmode, const T *w, const T *p, T pa,
+                         T pb, T *e_out, V *s0, V *s1, VD *dd, V *q0)
+{
+    V xa = loadu(x + i), xb = loadu(x + i + L);
+    V ea = vexp(xa - vk), eb = vexp(xb - vk);
+    *s0 += ea;
+    *s1 += eb;
+    if (e_out) {
+        storeu(e_out + i, ea);
+        storeu(e_out + i + L, eb);
+    }
+    if (qmode != Q_NONE) {
+        V qa = qload(qmode, w + i, p + i, L, pa, pb);
+        V qb = qload(qmode, w + i + L, p + i + L, L, pa, pb);
+        *dd += widen(qa * (vk - xa)) + widen(qb * (vk - xb));
+        *q0 += qa + qb;
+    }
+}
+
+/* Pass 2 of a block of n <= BLK classes shifted by mb (>= their max): its sums
+ * s, d, q added to the lanes of sums[0..2] (and its exps in e_out). The block
+ * is in L1 after pass 1, so this is arithmetic; memory is kept busy meanwhile:
+ * with xn, pass 1 of the next block (nn classes at xn) runs in the same loop
+ * and its max goes to *mn; its loads, and a prefetch PF_BYTES ahead of them
+ * (of the memory after this block without xn), overlap this block's exps. */
+FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, const T *w,
+                           const T *p, T pa, T pb, VD *sums, T *e_out, const T *xn, int64_t nn,
+                           T *mn)
+{
+    T k = mb == -INFINITY ? 0 : mb;
+    V vk = splat(k);
+    V n0 = splat(-INFINITY), n1 = n0;
+
+    /* float partial sums over at most CHUNK vectors per lane (two sums, s0 and
+     * s1, per run of CHUNK pairs), each folded into double on its own: the float
+     * error stays that of a 32-term sum for any L. (For AVX-512 a run is a
+     * whole block: runs of 16 pairs, two per block, measured 1-2 % slower.) */
+    enum { CHUNK = 32 };
+    VD sd = sums[0], dd = sums[1], qd = sums[2];
+    /* the prefetch runs PF_BYTES ahead of pass 1's reads, and past them into the
+     * memory after: the next block, or the next row (harmless past the end) */
+    const T *ahead = xn ? xn : x + n;
+    int64_t i = 0, covered = 0;
+    while (i + 2 * L <= n) {
+        int64_t end = i + CHUNK * 2 * L < n ? i + CHUNK * 2 * L : n;
+        V s0 = splat(0), s1 = s0, q0 = s0;
+        /* with pass 1 of the next block while it lasts, then without */
+        int64_t with1 = !xn ? i : end < nn ? end : nn;
+        for (; i + 2 * L <= with1; i += 2 * L) {
+            prefetch_pair(ahead + i, pf);
+            n0 = vmax(loadu(xn + i), n0);
+            n1 = vmax(loadu(xn + i + L), n1);
+            covered = i + 2 * L;
+            sum_pair(x, i, vk, qmode, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0);
+        }
+        for (; i + 2 * L <= end; i += 2 * L) {
+            prefetch_pair(ahead + i, pf);
+            sum_pair(x, i, vk, qmode, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0);
+        }
+        sd += widen(s0) + widen(s1);
+        if (qmode != Q_NONE) qd += widen(q0);
+    }
+    for (; i < n; i += L) {
+        V xa = loadn(x + i, n - i, -INFINITY);
+        V ea = vexp(xa - vk);
+        sd += widen(ea);
+        if (e_out) storen(e_out + i, ea, n - i);
+        if (qmode != Q_NONE) {
+            V qa = qload(qmode, w + i, p + i, n - i, pa, pb);
+            dd += widen(qa * (vk - loadn(x + i, n - i, k)));
+            qd += widen(qa);
+        }
+    }
+    if (xn) {
+        T a = block_max(xn + covered, nn - covered, pf), b = hmax(vmax(n0, n1));
+        *mn = a > b ? a : b;
+    }
+    sums[0] = sd;
+    if (qmode != Q_NONE) {
+        sums[1] = dd;
+        sums[2] = qd;
+    }
+}
+
+/* The state of n contiguous classes, block by block, the max of the first
+ * block given as mb. Every block is shifted by the running max, so the sums
+ * stay in double lanes from block to block; they are reduced into the state
+ * only when the max grows (and at the end). With e_out, each block's
+ * exp(x - shift) is kept there and its shift in bm[block]. With xn, the max of
+ * the nn <= BLK classes at xn (the caller's next range) is found on the way,
+ * into *mn. */
+FCE_INLINE void range_stats(const T *x, int64_t n, T mb, int qmode, int pf, const T *w,
+                            const T *p, T pa, T pb, fce_state *st, T *e_out, double *bm,
+                            const T *xn, int64_t nn, T *mn)
+{
+    VD sums[3];
+    T shift = mb;
+    int have = 0;
+    sums[0] = sums[1] = sums[2] = widen(splat(0));
+    for (int64_t b0 = 0;; b0 += BLK) {
+        if (b0 >= n || mb > shift) {
+            /* the sums so far (shifted by `shift`) into the state */
+            fce_state bs = {(double)shift, 0.0, 0.0, 0.0};
+            HSUMD(sums[0], bs.s);
+            HSUMD(sums[1], bs.d);
+            HSUMD(sums[2], bs.q);
+            if (have)
+                fce_state_merge(st, &bs);
+            else
+                *st = bs;
+            have = 1;
+            if (b0 >= n) break;
+            sums[0] = sums[1] = sums[2] = widen(splat(0));
+            shift = mb;
+        }
+        int64_t len = n - b0 < BLK ? n - b0 : BLK;
+        int64_t next = n - b0 - len < BLK ? n - b0 - len : BLK;
+        const T *nx = next > 0 ? x + b0 + len : xn;
+        T nm = NAN;
+        block_rest(x + b0, len, shift, qmode, pf, w ? w + b0 : w, p ? p + b0 : p, pa, pb, sums,
+                   e_out ? e_out + b0 : e_out, nx, next > 0 ? next : nn, &nm);
+        if (e_out) bm[b0 / BLK] = shift;
+        mb = nm;
+    }
+    if (xn) *mn = mb;
+}
+
+/* range_stats for the job's qmode and prefetch tuning (each an instantiation of
+ * its own). mb: the max of the first block of x, or NAN to have it found here. */
+static void range_stats_any(const ctx *cx, const T *x, int64_t n, T mb, const T *w,
+                            const T *p, fce_state *st, T *e_out, double *bm, const T *xn,
+                            int64_t nn, T *mn)
+{
+    const int pf = cx->tune.prefetch;
+    if (mb != mb) mb = pf ? block_max(x, n < BLK ? n : BLK, 1) : block_max(x, n < BLK ? n : BLK, 0);
+#define RANGE_STATS(q)                                                                   \
+    do {                                                                                 \
+        if (pf)                                                                          \
+            range_stats(x, n, mb, q, 1, w, p, cx->pa, cx->pb, st, e_out, bm, xn, nn, mn); \
+        else                                                                             \
+            range_stats(x, n, mb, q, 0, w, p, cx->pa, cx->pb, st, e_out, bm, xn, nn, mn); \
+    } while (0)
+    switch (cx->qmode) {
+    case Q_ONE: RANGE_STATS(Q_ONE); break;
+    case Q_W: RANGE_STATS(Q_W); break;
+    case Q_P: RANGE_STATS(Q_P); break;
+    case Q_PW: RANGE_STATS(Q_PW); break;
+    default: RANGE_STATS(Q_NONE); break;
+    }
+#undef RANGE_STATS
+}
+
+/* One vector of output at offset i (r valid lanes); adds its softmax values to
+ * *mass. The softmax is exp((x - k) - ls), or e * f from exps kept by pass 2. */
+FCE_INLINE V write_vec(const T *x, const T *ek, int64_t i, int64_t r, int qmode,
+                       int log_softmax, const T *w, const T *p, T pa, T pb, V vk, V vls,
+                       V vf, V vc1, V vc2, V *mass)
+{
+    if (log_softmax) return (loadn(x + i, r, -INFINITY) - vk) - vls;
+    V e = ek ? loadn(ek + i, r, 0) * vf : vexp((loadn(x + i, r, -INFINITY) - vk) - vls);
+    *mass += e;
+    V o = vc1 * e;
+    if (qmode != Q_NONE) o -= vc2 * qload(qmode, w + i, p + i, r, pa, pb);
+    return o;
+}
+
+/* out[c] = c1 exp((x_c - k) - ls) - c2 q_c  (gradient), or (x_c - k) - ls (log-softmax).
+ * Returns sum_c exp((x_c - k) - ls): the softmax mass written (folded into double
+ * every 16 vectors). With `stream`, full aligned vectors use non-temporal stores. */
+FCE_INLINE double write_run(const T *x, const T *ek, T f, T *out, int64_t n, int qmode,
+                            int log_softmax, int stream, const T *w, const T *p, T pa, T pb,
+                            T k, T ls, T c1, T c2)
+{
+    V vk = splat(k), vls = splat(ls), vf = splat(f), vc1 = splat(c1), vc2 = splat(c2);
+    V mass = splat(0);
+    VD total = widen(mass);
+    int64_t i = 0;
+#define WRITE_VEC(i, r) \
+    write_vec(x, ek, i, r, qmode, log_softmax, w, p, pa, pb, vk, vls, vf, vc1, vc2, &mass)
+    if (HAVE_STREAM && stream && (uintptr_t)out % sizeof(T) == 0) {
+        int64_t head = (int64_t)(((uintptr_t)out / sizeof(T)) % L);
+        head = head ? L - head : 0;
+        if (head > n) head = n;
+        if (head) storen(out, WRITE_VEC(0, head), head);
+        total += widen(mass); /* the head's mass, even if no loop below runs */
+        mass = splat(0);
+        i = head;
+        while (i + L <= n) {
+            int64_t end = i + 16 * L < n ? i + 16 * L : n;
+            for (; i + L <= end; i += L) store_stream(out + i, WRITE_VEC(i, L));
+            total += widen(mass);
+            mass = splat(0);
+        }
+    }
+    while (i < n) {
+        int64_t end = i + 16 * L < n ? i + 16 * L : n;
+        for (; i < end; i += L) storen(out + i, WRITE_VEC(i, n - i), n - i);
+        total += widen(mass);
+        mass = splat(0);
+    }
+#undef WRITE_VEC
+    double sum = 0.0;
+    HSUMD(total, sum);
+    return sum;
+}
+
+/* The same over [0, n) without element `skip` (when 0 <= skip < n): the target's
+ * output is written apart, and the mass of the others gives 1 - p_y exactly. */
+FCE_INLINE double write_range(const T *x, const T *ek, T f, T *out, int64_t n, int64_t skip,
+                              int qmode, int log_softmax, int stream, const T *w, const T *p,
+                              T pa, T pb, T k, T ls, T c1, T c2)
+{
+    if (skip < 0 || skip >= n)
+        return write_run(x, ek, f, out, n, qmode, log_softmax, stream, w, p, pa, pb, k, ls,
+                         c1, c2);
+    double m = write_run(x, ek, f, out, skip, qmode, log_softmax, stream, w, p, pa, pb, k, ls,
+                         c1, c2);
+    int64_t o = skip + 1;
+    return m + write_run(x + o, ek ? ek + o : ek, f, out + o, n - o, qmode, log_softmax, stream,
+                         w ? w + o : w, p ? p + o : p, pa, pb, k, ls, c1, c2);
+}
+
+static double write_range_any(const ctx *cx, const T *x, const T *ek, T f, T *out, int64_t n,
+                              int64_t skip, const T *w, const T *p, T k, T ls, T c1, T c2)
+{
+    const int st = cx->stream;
+    const T pa = cx->pa, pb = cx->pb;
+    if (cx->op == FCE_OP_LOG_SOFTMAX)
+        return write_range(x, NULL, 0, out, n, -1, Q_NONE, 1, st, w, p, pa, pb, k, ls, c1, c2);
+    switch (cx->qmode) {
+    case Q_ONE:
+        return write_range(x, ek, f, out, n, skip, Q_ONE, 0, st, w, p, pa, pb, k, ls, c1, c2);
+    case Q_W:
+        return write_range(x, ek, f, out, n, skip, Q_W, 0, st, w, p, pa, pb, k, ls, c1, c2);
+    case Q_P:
+        return write_range(x, ek, f, out, n, skip, Q_P, 0, st, w, p, pa, pb, k, ls, c1, c2);
+    case Q_PW:
+        return write_range(x, ek, f, out, n, skip, Q_PW, 0, st, w, p, pa, pb, k, ls, c1, c2);
+    default:
+        return write_range(x, ek, f, out, n, skip, Q_NONE, 0, st, w, p, pa, pb, k, ls, c1, c2);
+    }
+}
+
+
+/* The output of a row whose pass-2 exps are kept in ek (block shifts in bm):
+ * block b's softmax is ek * exp(shift(bm[b]) - lse), no exp recomputed. */
+static double write_row_kept(const ctx *cx, const T *x, const T *ek, const double *bm,
+                             T *out, int64_t n, int64_t skip, const T *w, const T *p,
+                             const sample *smp, T c1, T c2)
+{
+    double mass = 0.0, lse = smp->k + smp->ls, m = NAN;
+    T f = 0;
+    for (int64_t b0 = 0; b0 < n; b0 += BLK) {
+        int64_t len = n - b0 < BLK ? n - b0 : BLK;
+        /* <= 1; a block of -inf next to finite logits contributes exactly 0 (not
+         * 0 * exp(huge)), while a row of -inf or NaN gives NaN as torch does.
+         * Blocks with the same shift (the running max) share one exp. */
+        if (!(bm[b0 / BLK] == m)) {
+            m = bm[b0 / BLK];
+            f = m == -INFINITY && isfinite(lse) ? 0 : (T)exp(fce_shift(m) - lse);
+        }
+        mass += write_range_any(cx, x + b0, ek + b0, f, out + b0, len, skip - b0,
+                                w ? w + b0 : w, p ? p + b0 : p, (T)smp->k, (T)smp->ls, c1, c2);
+    }
+    return mass;
+}
+
+/* The state of row r (C <= SEG), or 0 if its target is ignored. ek: scratch for
+ * the row's exps (block shifts in bm), or NULL. mb, xn, nn, mn: as for
+ * range_stats_any (the max of the row's first block if known, else NAN; the
+ * first block of the row read next, whose max goes to *mn; *mn is NAN if this
+ * row was skipped). */
+static int row_state(const ctx *cx, int64_t r, sample *smp, fce_state *st, T *ek, double *bm,
+                     T mb, const T *xn, int64_t nn, T *mn)
+{
+    const T *x = cx->x + r * cx->job->outer_stride;
+    if (!sample_target(cx, r, smp)) {
+        if (mn) *mn = NAN;
+        return 0;
+    }
+    range_stats_any(cx, x, cx->C, mb, cx->w,
+                    cx->p ? cx->p + r * cx->job->prob_outer_stride : NULL, st, ek, bm, xn, nn,
+                    mn);
+    /* read after the row, from cache: read before, it is a cache miss that holds
+     * up the stream (about 3 % for rows of 128 KiB) */
+    if (cx->has_y) smp->xy = (double)x[smp->y];
+    return 1;
+}
+
+/* One whole row r (C <= SEG) with its output. Returns its loss. ek: scratch for
+ * C exps, or NULL. */
+static double row_one(const ctx *cx, int64_t r, T *ek)
+{
+    const fce_job *job = cx->job;
+    const T *x = cx->x + r * job->outer_stride;
+    const T *p = cx->p ? cx->p + r * job->prob_outer_stride : NULL;
+    T *g = cx->g + r * job->grad_outer_stride;
+    sample smp;
+    fce_state st;
+    double bm[SEG / BLK + 1];
+    if (!row_state(cx, r, &smp, &st, ek, bm, NAN, NULL, 0, NULL)) {
+        memset(g, 0, (size_t)cx->C * sizeof(T));
+        return 0.0;
+    }
+    double loss = finish_sample(cx, r, &st, log(st.s), &smp, x, 1);
+    double c1 = GRAD_C1(smp.gs, smp.a, cx->b, st.q), c2 = GRAD_C2(smp.gs, cx->b);
+    int target = cx->has_y && cx->op == FCE_OP_LOSS;
+    int64_t skip = target ? smp.y : -1;
+    double others =
+        ek ? write_row_kept(cx, x, ek, bm, g, cx->C, skip, cx->w, p, &smp, (T)c1, (T)c2)
+           : write_range_any(cx, x, NULL, 0, g, cx->C, skip, cx->w, p, (T)smp.k, (T)smp.ls,
+                             (T)c1, (T)c2);
+    if (target) g[smp.y] = target_grad(cx, &smp, st.q, others);
+    return loss;
+}
+
+/* Rows [r0, r1) (C <= SEG) without an output; each row's first block is
+ * scanned for its max while the row before is summed. Returns the sum of the
+ * losses, in row order. (A vectorised log over 16 rows was tried: its latency,
+ * paid once per row on the gradient path that must give the same bits, cost
+ * more than libm's log.) */
+static double rows_no_output(const ctx *cx, int64_t r0, int64_t r1)
+{
+    const int64_t rs = cx->job->outer_stride, nn = cx->C < BLK ? cx->C : BLK;
+    double acc = 0.0;
+    T mb = NAN;
+    const int64_t N = cx->job->n_outer;
+    for (int64_t r = r0; r < r1; r++) {
+        /* the last row's pass 1 goes on into the next item's first row: its max
+         * is not passed on (that item may be another thread's), but the reads
+         * overlap this row's exps and leave the block in cache */
+        const T *xn = r + 1 < N ? cx->x + (r + 1) * rs : NULL;
+        sample smp;
+        fce_state st;
+        if (row_state(cx, r, &smp, &st, NULL, NULL, mb, xn, nn, &mb))
+            acc += finish_sample(cx, r, &st, log(st.s), &smp, cx->x + r * rs, 1);
+    }
+    return acc;
+}
+
+/* rows [it*per_item, ...) of item it */
+FCE_INLINE void item_range(const ctx *cx, int64_t it, int64_t *r0, int64_t *r1)
+{
+    const int64_t N = cx->job->n_outer;
+    *r0 = it * cx->per_item;
+    *r1 = *r0 + cx->per_item < N ? *r0 + cx->per_item : N;
+}
+
+static void item_rows_no_output(const ctx *cx, int64_t it, int tid)
+{
+    (void)tid;
+    int64_t r0, r1;
+    item_range(cx, it, &r0, &r1);
+    cx->partials[it] = rows_no_output(cx, r0, r1);
+}
+
+static void item_rows_with_output(const ctx *cx, int64_t it, int tid)
+{
+    T *ek = cx->scratch ? cx->scratch + (int64_t)tid * cx->scratch_len : NULL;
+    int64_t r0, r1;
+    item_range(cx, it, &r0, &r1);
+    double acc = 0.0;
+    for (int64_t r = r0; r < r1; r++) acc += row_one(cx, r, ek);
+    if (cx->stream) stream_fence();
+    cx->partials[it] = acc;
+}
+
+#endif
