@@ -247,7 +247,8 @@ class OtherLoad:
     """How busy *other* processes kept the CPUs while we ran (a noise indicator).
 
     ``stop()`` returns the 1-minute load average at start and the CPU time used by other
-    processes (all-CPU busy time from /proc/stat minus this process's own CPU time) as a % of
+    processes (all-CPU busy time from /proc/stat minus this process's own CPU time, including
+    its children that have been waited for - compilers, benchmark worker processes) as a % of
     ``wall time x usable cores``. Anything above a few % makes multi-threaded results shaky:
     a kernel using every core waits for its slowest thread.
     """
@@ -255,14 +256,17 @@ class OtherLoad:
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
         self.busy0 = _busy_cpu_seconds()
-        t = os.times()
-        self.own0 = t.user + t.system
+        self.own0 = self._own()
         self.load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
 
     def stop(self) -> Dict[str, Any]:
         wall = time.perf_counter() - self.t0
-        t = os.times()
-        own = t.user + t.system - self.own0
+        own = self._own() - self.own0
         busy1 = _busy_cpu_seconds()
         out: Dict[str, Any] = {"loadavg_1min_at_start": self.load0, "wall_s": wall,
                                "own_cpu_s": own, "other_cpu_pct": None}

@@ -9,6 +9,8 @@
  *   read        max over the array, four accumulators: the memory read rate
  *   loop        max + exp(x - k) + sum per element, one fixed shift, one stream:
  *               the arithmetic with no bookkeeping (the ceiling for the kernel)
+ *   loop-fused  the same in the kernel's structure: blocks of 4 KiB, the max of the
+ *               next block read (from memory) while this one is summed (from L1)
  *   kernel      fastce's forward (loss, mean), rows of 32768 classes, without
  *               and with the software prefetch (tuning.prefetch 0 / 1)
  *
@@ -24,7 +26,9 @@
 #include "vmath.h"
 #include "fce_ctx.h"
 
+#ifndef ROW
 #define ROW 32768
+#endif
 
 /* what the planner asks the dispatcher (not linked here): this variant, one thread */
 extern const struct fce_paths_f32 ISA_NAME(fce_paths);
@@ -83,6 +87,33 @@ static double loop(void)
     return sink;
 }
 
+#ifndef EXP_BLK
+#define EXP_BLK 1024
+#endif
+/* the kernel's structure without its bookkeeping: blocks of EXP_BLK floats, pass 1
+ * (max) of the next block fused into pass 2 (exp-sum, from L1) of this one */
+static double loop_fused(void)
+{
+    double sink = 0;
+    const V k = splat(5.0f);
+    V n0 = splat(-1e30f), n1 = n0;
+    for (size_t b0 = 0; b0 < n; b0 += EXP_BLK) {
+        const float *xb = x + b0, *xn = b0 + EXP_BLK < n ? xb + EXP_BLK : xb;
+        V s0 = splat(0), s1 = s0, m0 = splat(-1e30f), m1 = m0;
+        for (size_t i = 0; i < EXP_BLK; i += 2 * L) {
+            m0 = vmax(m0, loadu(xn + i));
+            m1 = vmax(m1, loadu(xn + i + L));
+            s0 += vexp(loadu(xb + i) - k);
+            s1 += vexp(loadu(xb + i + L) - k);
+        }
+        V s = s0 + s1;
+        sink += s[0] + hmax(vmax(vmax(m0, m1), vmax(n0, n1)));
+        n0 = m0;
+        n1 = m1;
+    }
+    return sink;
+}
+
 static double kernel(int prefetch)
 {
     fce_job j;
@@ -114,9 +145,9 @@ static int cmpd(const void *a, const void *b)
 
 int main(int argc, char **argv)
 {
-    enum { NV = 4, MAXR = 101 };
-    const char *names[NV] = {"read", "loop", "kernel", "kernel+pf"};
-    double (*fns[NV])(void) = {read_only, loop, kernel_nopf, kernel_pf};
+    enum { NV = 5, MAXR = 101 };
+    const char *names[NV] = {"read", "loop", "loop-fused", "kernel", "kernel+pf"};
+    double (*fns[NV])(void) = {read_only, loop, loop_fused, kernel_nopf, kernel_pf};
     int reps = argc > 1 ? atoi(argv[1]) : 9;
     int small = getenv("SMALL") != NULL, inner = small ? 2000 : 1;
     if (reps < 1 || reps > MAXR) reps = 9;

@@ -58,19 +58,25 @@ FCE_INLINE T block_max(const T *x, int64_t n, int pf)
     return hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
 }
 
-/* prefetch the lines of two vectors PF_BYTES after a */
+/* prefetch the lines of two vectors at a */
 FCE_INLINE void prefetch_pair(const T *a, int pf)
 {
     if (pf)
-        for (int64_t b = 0; b < 2 * VB; b += 64) __builtin_prefetch((const char *)a + PF_BYTES + b);
+        for (int64_t b = 0; b < 2 * VB; b += 64) __builtin_prefetch((const char *)a + b);
 }
 
-/* Pass 2's work on the two vectors at x + i: exps (kept in e_out), their sums
- * into s0, s1 and the class-coefficient terms into dd, q0. */
-FCE_INLINE void sum_pair(const T *x, int64_t i, V vk, int qmode, const T *w, const T *p, T pa,
-                         T pb, T *e_out, V *s0, V *s1, VD *dd, V *q0)
+/* The work on the two vectors at x + i: exps of x - k (kept in e_out), their
+ * sums into s0, s1, the class-coefficient terms into dd, q0, and with find_max
+ * the vectors' max into m0, m1 (NaN never wins). */
+FCE_INLINE void sum_pair(const T *x, int64_t i, V vk, int qmode, int find_max, const T *w,
+                         const T *p, T pa, T pb, T *e_out, V *s0, V *s1, VD *dd, V *q0, V *m0,
+                         V *m1)
 {
     V xa = loadu(x + i), xb = loadu(x + i + L);
+    if (find_max) {
+        *m0 = vmax(xa, *m0);
+        *m1 = vmax(xb, *m1);
+    }
     V ea = vexp(xa - vk), eb = vexp(xb - vk);
     *s0 += ea;
     *s1 += eb;
@@ -86,51 +92,63 @@ FCE_INLINE void sum_pair(const T *x, int64_t i, V vk, int qmode, const T *w, con
     }
 }
 
-/* Pass 2 of a block of n <= BLK classes shifted by mb (>= their max): its sums
- * s, d, q added to the lanes of sums[0..2] (and its exps in e_out). The block
- * is in L1 after pass 1, so this is arithmetic; memory is kept busy meanwhile:
- * with xn, pass 1 of the next block (nn classes at xn) runs in the same loop
- * and its max goes to *mn; its loads, and a prefetch PF_BYTES ahead of them
- * (of the memory after this block without xn), overlap this block's exps. */
-FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, const T *w,
-                           const T *p, T pa, T pb, VD *sums, T *e_out, const T *xn, int64_t nn,
-                           T *mn)
+/* The sums of n classes shifted by mb: s, d, q added to the lanes of sums[0..2]
+ * (and the exps kept in e_out). Two uses:
+ *  - pass 2 of a block whose max is known (find_max 0, mb >= that max): the
+ *    block is in L1 after pass 1, so this is arithmetic;
+ *  - one pass over a span straight from memory with mb the shift so far
+ *    (find_max 1): the span's own max goes to *own for the caller's check.
+ * Memory is kept busy meanwhile: with xn, pass 1 of the next range (nn classes
+ * at xn) runs over the last nn classes of this loop (so the reads from memory
+ * stay in address order) and its max goes to *mn; with pf, pf_at[i] is
+ * prefetched as x[i] is summed. */
+FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, int find_max,
+                           const T *w, const T *p, T pa, T pb, VD *sums, T *e_out,
+                           const T *xn, int64_t nn, T *mn, T *own, const T *pf_at)
 {
     T k = mb == -INFINITY ? 0 : mb;
     V vk = splat(k);
-    V n0 = splat(-INFINITY), n1 = n0;
+    V n0 = splat(-INFINITY), n1 = n0, m0 = n0, m1 = n0;
 
     /* float partial sums over at most CHUNK vectors per lane (two sums, s0 and
      * s1, per run of CHUNK pairs), each folded into double on its own: the float
-     * error stays that of a 32-term sum for any L. (For AVX-512 a run is a
-     * whole block: runs of 16 pairs, two per block, measured 1-2 % slower.) */
+     * error stays that of a 32-term sum for any L. */
     enum { CHUNK = 32 };
     VD sd = sums[0], dd = sums[1], qd = sums[2];
-    /* the prefetch runs PF_BYTES ahead of pass 1's reads, and past them into the
-     * memory after: the next block, or the next row (harmless past the end) */
-    const T *ahead = xn ? xn : x + n;
+    /* pass 1 of xn from class `from` on (a multiple of 2 L) */
+    int64_t from = !xn ? n : n - nn < 0 ? 0 : (n - nn) / (2 * L) * (2 * L);
+    const T *x1 = xn ? xn - from : x; /* x1 + i: class i - from of xn */
     int64_t i = 0, covered = 0;
     while (i + 2 * L <= n) {
         int64_t end = i + CHUNK * 2 * L < n ? i + CHUNK * 2 * L : n;
         V s0 = splat(0), s1 = s0, q0 = s0;
-        /* with pass 1 of the next block while it lasts, then without */
-        int64_t with1 = !xn ? i : end < nn ? end : nn;
+        int64_t without = end < from ? end : from;
+        for (; i + 2 * L <= without; i += 2 * L) {
+            prefetch_pair(pf_at + i, pf);
+            sum_pair(x, i, vk, qmode, find_max, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0, &m0,
+                     &m1);
+        }
+        /* with pass 1 of xn while it lasts */
+        int64_t with1 = end < from + nn ? end : from + nn;
         for (; i + 2 * L <= with1; i += 2 * L) {
-            prefetch_pair(ahead + i, pf);
-            n0 = vmax(loadu(xn + i), n0);
-            n1 = vmax(loadu(xn + i + L), n1);
-            covered = i + 2 * L;
-            sum_pair(x, i, vk, qmode, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0);
+            prefetch_pair(pf_at + i, pf);
+            n0 = vmax(loadu(x1 + i), n0);
+            n1 = vmax(loadu(x1 + i + L), n1);
+            covered = i + 2 * L - from;
+            sum_pair(x, i, vk, qmode, find_max, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0, &m0,
+                     &m1);
         }
         for (; i + 2 * L <= end; i += 2 * L) {
-            prefetch_pair(ahead + i, pf);
-            sum_pair(x, i, vk, qmode, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0);
+            prefetch_pair(pf_at + i, pf);
+            sum_pair(x, i, vk, qmode, find_max, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0, &m0,
+                     &m1);
         }
         sd += widen(s0) + widen(s1);
         if (qmode != Q_NONE) qd += widen(q0);
     }
     for (; i < n; i += L) {
         V xa = loadn(x + i, n - i, -INFINITY);
+        if (find_max) m0 = vmax(xa, m0);
         V ea = vexp(xa - vk);
         sd += widen(ea);
         if (e_out) storen(e_out + i, ea, n - i);
@@ -144,6 +162,7 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, const
         T a = block_max(xn + covered, nn - covered, pf), b = hmax(vmax(n0, n1));
         *mn = a > b ? a : b;
     }
+    if (find_max) *own = hmax(vmax(m0, m1));
     sums[0] = sd;
     if (qmode != Q_NONE) {
         sums[1] = dd;
@@ -151,47 +170,81 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, const
     }
 }
 
-/* The state of n contiguous classes, block by block, the max of the first
- * block given as mb. Every block is shifted by the running max, so the sums
- * stay in double lanes from block to block; they are reduced into the state
- * only when the max grows (and at the end). With e_out, each block's
- * exp(x - shift) is kept there and its shift in bm[block]. With xn, the max of
- * the nn <= BLK classes at xn (the caller's next range) is found on the way,
- * into *mn. */
+/* The state of n contiguous classes, the max of the first block given as mb.
+ * The first block (in cache: its max was just found) is summed shifted by mb;
+ * the rest in spans of SPAN classes, one pass each from memory, shifted by the
+ * shift so far: a span whose own max exceeds it by more than SHIFT_SLACK (never
+ * for ordinary logits, once per span for rows sorted ascending) is summed again,
+ * from cache, with its max as the shift. So every shift is within SHIFT_SLACK
+ * of the max of the classes before it: exp(x - shift) <= e^8 cannot overflow,
+ * x - shift rounds no worse than x - max (Sterbenz: the two are within a factor
+ * of 2 wherever x - shift is not small), and lse = shift + log(sum) is exact
+ * for any shift. The state's m is that shift (fce_state_merge and the finish
+ * need no more); a +inf logit always becomes the shift. The sums stay in
+ * double lanes while the shift stays; they are reduced into the state when it
+ * grows (and at the end). With e_out, each block's exp(x - shift) is kept there and its
+ * shift in bm[block]. With xn, the max of the nn <= BLK classes at xn (the
+ * caller's next range) is found on the way, into *mn. */
+#ifndef SPAN
+#define SPAN (4 * BLK)
+#endif
+#define SHIFT_SLACK 8
 FCE_INLINE void range_stats(const T *x, int64_t n, T mb, int qmode, int pf, const T *w,
                             const T *p, T pa, T pb, fce_state *st, T *e_out, double *bm,
                             const T *xn, int64_t nn, T *mn)
 {
     VD sums[3];
-    T shift = mb;
+    T shift = mb, unused = 0;
     int have = 0;
     sums[0] = sums[1] = sums[2] = widen(splat(0));
-    for (int64_t b0 = 0;; b0 += BLK) {
-        if (b0 >= n || mb > shift) {
-            /* the sums so far (shifted by `shift`) into the state */
-            fce_state bs = {(double)shift, 0.0, 0.0, 0.0};
-            HSUMD(sums[0], bs.s);
-            HSUMD(sums[1], bs.d);
-            HSUMD(sums[2], bs.q);
-            if (have)
-                fce_state_merge(st, &bs);
-            else
-                *st = bs;
-            have = 1;
-            if (b0 >= n) break;
-            sums[0] = sums[1] = sums[2] = widen(splat(0));
-            shift = mb;
+    /* the sums so far (shifted by `shift`) into the state */
+#define FLUSH()                                        \
+    do {                                               \
+        fce_state bs = {(double)shift, 0.0, 0.0, 0.0}; \
+        HSUMD(sums[0], bs.s);                          \
+        HSUMD(sums[1], bs.d);                          \
+        HSUMD(sums[2], bs.q);                          \
+        if (have)                                      \
+            fce_state_merge(st, &bs);                  \
+        else                                           \
+            *st = bs;                                  \
+        have = 1;                                      \
+        sums[0] = sums[1] = sums[2] = widen(splat(0)); \
+    } while (0)
+    T nm = NAN;
+    const int64_t ahead = PF_BYTES / (int64_t)sizeof(T);
+    int64_t len = n < BLK ? n : BLK;
+    /* the first block, from cache: its time would leave the memory idle, so it
+     * prefetches the start of the next (or, for a one-block row, pass 1 reads
+     * the caller's next range) */
+    if (len == n)
+        block_rest(x, len, shift, qmode, xn ? pf : 0, 0, w, p, pa, pb, sums, e_out, xn, nn, &nm,
+                   &unused, xn ? xn + ahead : x);
+    else
+        block_rest(x, len, shift, qmode, 1, 0, w, p, pa, pb, sums, e_out, NULL, 0, &nm, &unused,
+                   x + len);
+    if (e_out) bm[0] = shift;
+    for (int64_t b0 = len; b0 < n; b0 += SPAN) {
+        int64_t sl = n - b0 < SPAN ? n - b0 : SPAN;
+        const T *nx = b0 + sl == n ? xn : NULL;
+        VD saved[3] = {sums[0], sums[1], sums[2]};
+        T own = -INFINITY;
+        block_rest(x + b0, sl, shift, qmode, pf, 1, w ? w + b0 : w, p ? p + b0 : p, pa, pb, sums,
+                   e_out ? e_out + b0 : e_out, nx, nn, &nm, &own, x + b0 + ahead);
+        if (own > shift + SHIFT_SLACK) {
+            /* the max grew too much in this span: its sums are dropped and taken again */
+            sums[0] = saved[0], sums[1] = saved[1], sums[2] = saved[2];
+            FLUSH();
+            shift = own;
+            block_rest(x + b0, sl, shift, qmode, 0, 0, w ? w + b0 : w, p ? p + b0 : p, pa, pb,
+                       sums, e_out ? e_out + b0 : e_out, NULL, 0, &unused, &unused, NULL);
         }
-        int64_t len = n - b0 < BLK ? n - b0 : BLK;
-        int64_t next = n - b0 - len < BLK ? n - b0 - len : BLK;
-        const T *nx = next > 0 ? x + b0 + len : xn;
-        T nm = NAN;
-        block_rest(x + b0, len, shift, qmode, pf, w ? w + b0 : w, p ? p + b0 : p, pa, pb, sums,
-                   e_out ? e_out + b0 : e_out, nx, next > 0 ? next : nn, &nm);
-        if (e_out) bm[b0 / BLK] = shift;
-        mb = nm;
+        if (e_out)
+            for (int64_t b = b0; b < b0 + sl; b += BLK) bm[b / BLK] = shift;
     }
-    if (xn) *mn = mb;
+    FLUSH();
+#undef FLUSH
+    if (xn) *mn = nm;
 }
 
 /* range_stats for the job's qmode and prefetch tuning (each an instantiation of
@@ -323,10 +376,11 @@ static double write_row_kept(const ctx *cx, const T *x, const T *ek, const doubl
         int64_t len = n - b0 < BLK ? n - b0 : BLK;
         /* <= 1; a block of -inf next to finite logits contributes exactly 0 (not
          * 0 * exp(huge)), while a row of -inf or NaN gives NaN as torch does.
-         * Blocks with the same shift (the running max) share one exp. */
+         * Blocks with the same shift share one exp. (shift - k) - ls, not
+         * shift - (k + ls): k + ls would round ls away when |k| >> ls. */
         if (!(bm[b0 / BLK] == m)) {
             m = bm[b0 / BLK];
-            f = m == -INFINITY && isfinite(lse) ? 0 : (T)exp(fce_shift(m) - lse);
+            f = m == -INFINITY && isfinite(lse) ? 0 : (T)exp((fce_shift(m) - smp->k) - smp->ls);
         }
         mass += write_range_any(cx, x + b0, ek + b0, f, out + b0, len, skip - b0,
                                 w ? w + b0 : w, p ? p + b0 : p, (T)smp->k, (T)smp->ls, c1, c2);

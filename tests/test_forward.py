@@ -177,6 +177,46 @@ def test_block_and_row_boundaries(dtype, C):
     assert_close(fastce.cross_entropy(x[keep], t[keep]), torch_ce(x[keep], t[keep]), dtype)
 
 
+# After its first block the rows kernel reads a row in spans of 4 blocks in one
+# pass, shifted by the shift so far, and takes a span again when its own max is
+# more than 8 above that shift. Rows that trigger that (ascending ramps: every
+# span; a spike in a late span; a first block of -inf), rows that end just past
+# a span, and +inf/NaN in a late span, checked against torch in float64 for the
+# loss, the gradient, log_softmax and logsumexp; exp(x - shift) would overflow
+# (inf/NaN) if a span were kept with a shift far below its max.
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("C", [5 * 1024 + 1, 9 * 1024 - 3, 20000])
+def test_spans_whose_max_grows(dtype, C):
+    from _grad_helpers import torch_truth
+
+    rng = np.random.default_rng(C)
+    N = 9
+    x = random_logits(rng, (N, C), dtype)
+    big = 80.0 if dtype == np.float32 else 700.0
+    x[0] = np.linspace(-big, big, C)               # every span's max is far above the last
+    x[1, C - 7] = big                              # a spike in the last span
+    x[2, : 1024] = -np.inf                         # a first block of -inf, then finite
+    x[3, 2 * 1024 + 5] = big / 2                   # a spike in the first span
+    x[4] = np.linspace(big, -big, C)               # descending: never taken again
+    x[5, C - 1] = np.inf
+    x[6, C - 3] = np.nan
+    x[7, :] = x[7, :] + (3000.0 if dtype == np.float32 else 3e6)  # a large common offset
+    t = random_index_target(rng, (N, C))
+    t[1] = C - 7
+    finite = [0, 1, 2, 3, 4, 7, 8]
+    for kw in [{}, dict(label_smoothing=0.2)]:
+        loss = fastce.cross_entropy(x, t, reduction="none", **kw)
+        assert_close(loss, torch_ce(x, t, reduction="none", **kw), dtype)
+        got_loss, grad = fastce.cross_entropy_with_grad(x, t, reduction="none", **kw)
+        np.testing.assert_array_equal(got_loss, loss)
+        _, truth = torch_truth(x[finite], t[finite], reduction="none", **kw)
+        tol = 1e-12 if dtype == np.float64 else 1e-6
+        np.testing.assert_allclose(grad[finite], truth, rtol=tol, atol=tol)
+        assert np.all(np.isnan(grad[[5, 6]]))
+    assert_close(fastce.log_softmax(x), torch_log_softmax(x), dtype)
+    assert_close(fastce.logsumexp(x), torch_logsumexp(x), dtype)
+
+
 def test_single_class_loss_is_zero():
     """With C = 1 the only class has probability 1: every loss is exactly 0."""
     x = np.array([[3.0], [-1e30], [0.0]])

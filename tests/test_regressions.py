@@ -60,3 +60,34 @@ def test_all_minus_inf_row_gives_nan_gradient_like_torch(isa, C):
     x = np.full((1, C), -np.inf)
     loss, g = fastce.cross_entropy_with_grad(x, np.array([1]))
     assert np.isnan(loss) and np.isnan(g).all()
+
+
+# Issue 11a: the rows path took a block's softmax factor as exp(shift - (k + ls)),
+# rounding lse = k + ls first, so ls was lost when |k| >> ls: a row of -1e30 in
+# float32 got the gradient 1 per class instead of 1/64, and float64 rows offset by
+# 1e9 erred 4.5e-9 relative. Every path (rows with kept exps, long-row segments,
+# K-dim columns, small C) must give torch's float64 gradient of the offset input
+# to float64 rounding: x - max is exact there (Sterbenz), so the truth is good to
+# ~1e-15; 1e-12 of the largest gradient catches the old 1e9 * eps = 2e-7 error.
+@pytest.mark.parametrize("shape", [(2, 64), (2, 5000), (1, 140000), (2, 40, 3), (5, 7)],
+                         ids=["rows", "rows-blocks", "long-row", "k-dim", "small-c"])
+@pytest.mark.parametrize("offset", [1e9, -1e9])
+def test_gradient_exact_for_any_common_offset(isa, shape, offset):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape) + offset
+    t = rng.integers(0, shape[1], (shape[0],) + shape[2:])
+    _, g = fastce.cross_entropy_with_grad(x, t)
+    xt = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.cross_entropy(xt, torch.tensor(t)).backward()
+    truth = xt.grad.numpy()
+    np.testing.assert_allclose(g, truth, rtol=0, atol=1e-12 * np.abs(truth).max())
+
+
+def test_float32_gradient_of_huge_negative_logits(isa):
+    # the example of issue 11a, at sizes taking the small-C, rows and blocks paths
+    for C in (3, 64, 2000):
+        x = np.full((1, C), -1e30, np.float32)
+        _, g = fastce.cross_entropy_with_grad(x, np.array([0]))
+        np.testing.assert_allclose(g[0, 1:], 1.0 / C, rtol=1e-6)
+        np.testing.assert_allclose(g[0, 0], 1.0 / C - 1.0, rtol=1e-6)
