@@ -67,7 +67,12 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
     /* finish each position (the logs four vectors at a time) */
     double total = 0.0, LS[G];
     memcpy(LS, S, sizeof LS);
-    for (int v = 0; v < nv; v++) log_lanes(LS + v * L);
+    for (int v = 0; v < nv; v++) {
+        VD lv;
+        memcpy(&lv, LS + v * L, sizeof lv);
+        log_lanes(&lv);
+        memcpy(LS + v * L, &lv, sizeof lv);
+    }
     sample smp[G];
     T Kt[G], LSt[G], C1[G], C2[G];
     TI keep[G];
@@ -104,9 +109,11 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
                 loss += LOSS_COEFS(cx->b, vd, vq, vls);
             }
             loss = (VD)((VL)loss & ok);
+            double sum;
+            HSUMD(loss, sum); /* a tree per vector, the vectors in order (rows_small_c_loss too) */
+            total += sum;
             for (int64_t i = 0; i < L && v * L + i < J; i++) {
                 int64_t j = v * L + i;
-                total += loss[i];
                 if (!valid[i]) continue;
                 if (job->loss_out) ((T *)job->loss_out)[s0 + j] = (T)loss[i];
                 if (!cx->want_out) continue;
@@ -188,57 +195,117 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
     return total;
 }
 
+/* The C <= FCE_SMALL_C classes of J <= L rows at x, x + rs, ... (rows past J repeat
+ * the last) as C class vectors, lane j = row j: by whole-row loads and a transpose
+ * per L classes (contiguous reads), or by gathers where the tuning says they are
+ * faster (tune.small_c_gather). */
+FCE_INLINE void rows_to_classes(const T *x, int64_t rs, int64_t J, int64_t C, int gathers,
+                                V *cls)
+{
+    if (gathers) {
+        int32_t idx[L];
+        for (int64_t i = 0; i < L; i++) idx[i] = (int32_t)((i < J ? i : J - 1) * rs);
+        for (int64_t c = 0; c < C; c++) cls[c] = gather(x + c, idx);
+        return;
+    }
+    for (int64_t c0 = 0; c0 < C; c0 += L) {
+        V r[L];
+        for (int64_t j = 0; j < L; j++) r[j] = loadn(x + (j < J ? j : J - 1) * rs + c0, C - c0, 0);
+        transpose_square(r);
+        for (int64_t k = 0; k < L && c0 + k < C; k++) cls[c0 + k] = r[k];
+    }
+}
+
+/* The inverse: C class vectors (lane j = row j) stored as J rows at out, out + os, ... */
+FCE_INLINE void classes_to_rows(const V *cls, int64_t C, T *out, int64_t os, int64_t J)
+{
+    for (int64_t c0 = 0; c0 < C; c0 += L) {
+        V r[L];
+        for (int64_t k = 0; k < L; k++) r[k] = c0 + k < C ? cls[c0 + k] : splat(0);
+        transpose_square(r);
+        for (int64_t j = 0; j < J; j++) storen(out + j * os + c0, r[j], C - c0);
+    }
+}
+
 /* The commonest small-C call, loss only with class-index targets and no
  * smoothing: one vector lane per row, L rows at a time, no per-row state.
- * Needs |outer_stride| * L to fit in int32 (the gather offsets). */
+ * Needs |outer_stride| * L to fit in int32 (the gather offsets, where used). */
 static double rows_small_c_loss(const ctx *cx, int64_t r0, int64_t r1)
 {
     const fce_job *job = cx->job;
     const int64_t C = cx->C, rs = job->outer_stride;
-    V xc[FCE_SMALL_C];
-    int32_t idx[L];
-    double total = 0.0, group = 0.0;
-    for (int64_t r = r0; r < r1; r += L) {
-        int64_t J = r1 - r < L ? r1 - r : L;
-        /* lanes past the last row repeat it; they are masked out below */
-        for (int64_t i = 0; i < L; i++) idx[i] = (int32_t)((i < J ? i : J - 1) * rs);
-        const T *xr = cx->x + r * rs;
-        V m = splat(-INFINITY);
-        for (int64_t c = 0; c < C; c++) {
-            xc[c] = gather(xr + c, idx);
-            m = vmax(xc[c], m);
+    /* G rows at a time, as four vectors of L rows: four independent chains per
+     * class (the sums of one vector alone would be one long dependency chain) */
+    V xc[4][FCE_SMALL_C];
+    double total = 0.0;
+    for (int64_t r = r0; r < r1; r += G) {
+        int64_t J = r1 - r < G ? r1 - r : G;
+        const int nv = (int)((J + L - 1) / L);
+        V k[4], xy[4];
+        VL ok[4];
+        VD sd[4], va[4];
+        for (int v = 0; v < nv; v++) {
+            int64_t Jv = J - v * L < L ? J - v * L : L;
+            /* lanes past the last row repeat it; they are masked out below */
+            const T *xr = cx->x + (r + v * L) * rs;
+            rows_to_classes(xr, rs, Jv, C, cx->tune.small_c_gather, xc[v]);
+            V m0 = splat(-INFINITY), m1 = m0;
+            int64_t c = 0;
+            for (; c + 1 < C; c += 2) m0 = vmax(xc[v][c], m0), m1 = vmax(xc[v][c + 1], m1);
+            if (c < C) m0 = vmax(xc[v][c], m0);
+            V m = vmax(m0, m1);
+            k[v] = vselect(m == -INFINITY, splat(0), m);
+            /* the targets as lanes; each lane's target logit picked from the class vectors */
+            int64_t ys[L];
+            for (int64_t i = 0; i < L; i++)
+                ys[i] = i < Jv ? job->target[r + v * L + i] : job->ignore_index;
+            VL yl;
+            memcpy(&yl, ys, sizeof yl);
+            ok[v] = yl != job->ignore_index;
+            VI y = __builtin_convertvector(yl, VI);
+            /* two chains of selects, even and odd classes: one of them is 0 in each lane */
+            V xe = splat(0), xo = xe;
+            for (c = 0; c + 1 < C; c += 2) {
+                xe = vselect_eq(y, (TI)c, xc[v][c], xe);
+                xo = vselect_eq(y, (TI)(c + 1), xc[v][c + 1], xo);
+            }
+            if (c < C) xe = vselect_eq(y, (TI)c, xc[v][c], xe);
+            xy[v] = (V)((VI)xe | (VI)xo);
+            SPLATD(va[v], cx->a0);
+            if (cx->w)
+                for (int64_t i = 0; i < L; i++)
+                    va[v][i] = ok[v][i] ? cx->a0 * (double)cx->w[ys[i]] : 0.0;
         }
-        V k = vselect(m == -INFINITY, splat(0), m);
+        /* a short last group: the vectors past it repeat its last one, masked out
+         * (the loops below then run over four vectors, unrolled) */
+        for (int v = nv; v < 4; v++) {
+            memcpy(xc[v], xc[nv - 1], (size_t)C * sizeof(V));
+            k[v] = k[nv - 1];
+            xy[v] = xy[nv - 1];
+            va[v] = va[nv - 1];
+            ok[v] = ok[nv - 1] & 0;
+        }
+        for (int v = 0; v < 4; v++) sd[v] = widen(splat(0));
         /* the sums folded into double every 16 classes, as cols_group does */
-        VD sd = widen(splat(0));
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
-            V s = splat(0);
-            for (int64_t c = c0; c < C && c < c0 + 16; c++) s += vexp(xc[c] - k);
-            sd += widen(s);
+            V s[4] = {splat(0), splat(0), splat(0), splat(0)};
+            for (int64_t c = c0; c < C && c < c0 + 16; c++)
+                for (int v = 0; v < 4; v++) s[v] += vexp(xc[v][c] - k[v]);
+            for (int v = 0; v < 4; v++) sd[v] += widen(s[v]);
         }
-        double a[L], xy[L], ls[L];
-        int64_t valid[L];
-        for (int64_t i = 0; i < L; i++) {
-            int64_t y = i < J ? job->target[r + i] : job->ignore_index;
-            valid[i] = y != job->ignore_index ? -1 : 0;
-            a[i] = valid[i] ? cx->a0 * (cx->w ? (double)cx->w[y] : 1.0) : 0.0;
-            xy[i] = valid[i] ? (double)xr[i * rs + y] : 0.0;
+        double group = 0.0;
+        for (int v = 0; v < nv; v++) {
+            int64_t Jv = J - v * L < L ? J - v * L : L;
+            VD vls = sd[v];
+            log_lanes(&vls);
+            VD loss = (VD)((VL)LOSS_TARGET(va[v], widen(k[v]), widen(xy[v]), vls) & ok[v]);
+            double sum;
+            HSUMD(loss, sum); /* a tree per vector, the vectors in order, as cols_group */
+            group += sum;
+            if (job->loss_out)
+                storen((T *)job->loss_out + r + v * L, __builtin_convertvector(loss, V), Jv);
         }
-        VD va, vxy, vls;
-        VL ok;
-        memcpy(ls, &sd, sizeof ls);
-        log_lanes(ls);
-        memcpy(&vls, ls, sizeof vls);
-        memcpy(&va, a, sizeof va);
-        memcpy(&vxy, xy, sizeof vxy);
-        memcpy(&ok, valid, sizeof ok);
-        VD loss = (VD)((VL)LOSS_TARGET(va, widen(k), vxy, vls) & ok);
-        for (int64_t i = 0; i < J; i++) {
-            group += loss[i];
-            if (job->loss_out) ((T *)job->loss_out)[r + i] = (T)loss[i];
-        }
-        /* summed by groups of G rows, exactly as rows_small_c does */
-        if ((r - r0 + L) % G == 0 || r + L >= r1) total += group, group = 0.0;
+        total += group;
     }
     return total;
 }
@@ -250,41 +317,32 @@ static double rows_small_c(const ctx *cx, int64_t r0, int64_t r1)
     const fce_job *job = cx->job;
     const int64_t C = cx->C;
     T xt[FCE_SMALL_C * G], pt[FCE_SMALL_C * G], gt[FCE_SMALL_C * G];
-    int32_t xi[G], pi[G];
+    V cls[FCE_SMALL_C];
     double total = 0.0;
     const int64_t xs = job->outer_stride, ps = job->prob_outer_stride;
-    /* gathers (whole-vector stores into the tile, which cols_group's vector loads
-     * can forward) when the row offsets fit in int32; else element by element */
-    const int by_gather = (xs < 0 ? -xs : xs) <= INT32_MAX / G &&
-                          (!cx->p || (ps < 0 ? -ps : ps) <= INT32_MAX / G);
+    /* whole-vector stores into the tile, which cols_group's vector loads can
+     * forward; gathers only where the tuning prefers them and the row offsets
+     * fit in int32 */
+    const int gathers = cx->tune.small_c_gather && (xs < 0 ? -xs : xs) <= INT32_MAX / G &&
+                        (!cx->p || (ps < 0 ? -ps : ps) <= INT32_MAX / G);
     for (int64_t r = r0; r < r1; r += G) {
         int64_t J = r1 - r < G ? r1 - r : G;
-        if (by_gather) {
-            /* lanes past the last row repeat it; cols_group ignores them */
-            for (int64_t j = 0; j < G; j++) {
-                xi[j] = (int32_t)((j < J ? j : J - 1) * xs);
-                pi[j] = (int32_t)((j < J ? j : J - 1) * ps);
-            }
-            for (int64_t c = 0; c < C; c++)
-                for (int64_t v = 0; v < G; v += L) {
-                    storeu(xt + c * G + v, gather(cx->x + r * xs + c, xi + v));
-                    if (cx->p) storeu(pt + c * G + v, gather(cx->p + r * ps + c, pi + v));
-                }
-        } else {
-            for (int64_t j = 0; j < J; j++) {
-                const T *xr = cx->x + (r + j) * xs;
-                for (int64_t c = 0; c < C; c++) xt[c * G + j] = xr[c];
-                if (cx->p) {
-                    const T *pr = cx->p + (r + j) * ps;
-                    for (int64_t c = 0; c < C; c++) pt[c * G + j] = pr[c];
-                }
+        /* lanes past the last row repeat it; cols_group ignores them */
+        for (int64_t v = 0; v < G && v < J; v += L) {
+            int64_t Jv = J - v < L ? J - v : L;
+            rows_to_classes(cx->x + (r + v) * xs, xs, Jv, C, gathers, cls);
+            for (int64_t c = 0; c < C; c++) storeu(xt + c * G + v, cls[c]);
+            if (cx->p) {
+                rows_to_classes(cx->p + (r + v) * ps, ps, Jv, C, gathers, cls);
+                for (int64_t c = 0; c < C; c++) storeu(pt + c * G + v, cls[c]);
             }
         }
         total += cols_group(cx, xt, G, pt, G, gt, G, J, r);
         if (cx->want_out)
-            for (int64_t j = 0; j < J; j++) {
-                T *gr = cx->g + (r + j) * job->grad_outer_stride;
-                for (int64_t c = 0; c < C; c++) gr[c] = gt[c * G + j];
+            for (int64_t v = 0; v < J; v += L) {
+                for (int64_t c = 0; c < C; c++) cls[c] = loadu(gt + c * G + v);
+                classes_to_rows(cls, C, cx->g + (r + v) * job->grad_outer_stride,
+                                job->grad_outer_stride, J - v < L ? J - v : L);
             }
     }
     return total;

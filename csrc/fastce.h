@@ -95,9 +95,13 @@ int fce_isa_best(void);
 int fce_isa_current(void);
 int fce_isa_select(int index);              /* FCE_OK or FCE_ERR_ISA */
 const char *fce_isa_reason(void);           /* why fce_isa_best() was chosen, in words */
-/* The software prefetch of the rows stream: -1 as chosen for this CPU, 0 off, 1 on. */
-int fce_prefetch_select(int prefetch);      /* FCE_OK or FCE_ERR_ARG */
-int fce_prefetch_current(void);
+/* Per-CPU tuning knobs ("prefetch": the rows stream's software prefetch;
+ * "small_c_gather": small C by gathers rather than transposes), chosen with the
+ * variant; a knob can be forced to 0 or 1, or back to the choice with -1. */
+int fce_tuning_count(void);
+const char *fce_tuning_name(int index);
+int fce_tuning_select(int index, int value); /* FCE_OK or FCE_ERR_ARG */
+int fce_tuning_current(int index);
 
 /* Threads: the OpenMP runtime and the default thread count. */
 int fce_openmp_enabled(void);

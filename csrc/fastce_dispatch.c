@@ -127,21 +127,25 @@ static choice choose(void)
         if (variants[i].supported()) widest = i;
     ch.isa = widest;
     ch.tune.prefetch = 1;
+    ch.tune.small_c_gather = 1;
     char vendor[13];
     unsigned family, model;
     cpu_identity(vendor, &family, &model);
-    const char *why = "the widest variant supported, software prefetch on (no measured rule for this CPU)";
+    const char *why = "the widest variant; software prefetch, gathers (no measured rule for this CPU)";
     if (strcmp(vendor, "AuthenticAMD") == 0 && family >= 0x17) {
         ch.tune.prefetch = 0;
+        ch.tune.small_c_gather = 0;
         why = strcmp(variants[widest].name, "avx512") == 0
-                  ? "AMD Zen 4 or later: avx512 measured fastest (1.5x avx2 in the forward); "
-                    "hardware prefetch only"
-                  : "AMD Zen 1-3: the widest variant; hardware prefetch only";
+                  ? "AMD Zen 4 or later: avx512 (measured 1.5x avx2 in the forward); hardware "
+                    "prefetch only; small C by transposes (gathers are slow on Zen)"
+                  : "AMD Zen 1-3: the widest variant; hardware prefetch only; small C by "
+                    "transposes (gathers are microcoded on Zen)";
     } else if (strcmp(vendor, "GenuineIntel") == 0) {
-        why = "Intel: the widest variant; software prefetch 2 KiB ahead (measured needed on Xeon)";
+        why = "Intel: the widest variant; software prefetch 2 KiB ahead and small C by gathers "
+              "(both measured best on a Xeon with AVX-512)";
     }
-    snprintf(ch.reason, sizeof ch.reason, "%s family %u model %u: %s", vendor[0] ? vendor : "unknown CPU",
-             family, model, why);
+    snprintf(ch.reason, sizeof ch.reason, "%s family %u model %u: %s",
+             vendor[0] ? vendor : "unknown CPU", family, model, why);
     (void)find_variant;
     return ch;
 }
@@ -150,8 +154,11 @@ static choice choose(void)
 static volatile int current = -1;
 static choice chosen;
 static volatile int chosen_ready = 0;
-static fce_tuning tuning_in_use = {1};
-static int prefetch_forced = -1;
+static fce_tuning tuning_in_use = {1, 1};
+/* forced tuning knobs, -1: as chosen; in the order of fce_tuning_names */
+static const char *const tuning_names[] = {"prefetch", "small_c_gather"};
+#define N_TUNING 2
+static int tuning_forced[N_TUNING] = {-1, -1};
 
 static const choice *get_choice(void)
 {
@@ -180,8 +187,10 @@ const char *fce_isa_reason(void) { return get_choice()->reason; }
 
 static void update_tuning(void)
 {
-    tuning_in_use = get_choice()->tune;
-    if (prefetch_forced >= 0) tuning_in_use.prefetch = prefetch_forced;
+    fce_tuning t = get_choice()->tune;
+    if (tuning_forced[0] >= 0) t.prefetch = tuning_forced[0];
+    if (tuning_forced[1] >= 0) t.small_c_gather = tuning_forced[1];
+    tuning_in_use = t;
 }
 
 int fce_isa_current(void)
@@ -201,18 +210,29 @@ int fce_isa_select(int index)
     return FCE_OK;
 }
 
-int fce_prefetch_select(int prefetch)
+int fce_tuning_count(void) { return N_TUNING; }
+
+const char *fce_tuning_name(int index)
 {
-    if (prefetch < -1 || prefetch > 1) return FCE_ERR_ARG;
-    prefetch_forced = prefetch;
+    return index >= 0 && index < N_TUNING ? tuning_names[index] : NULL;
+}
+
+int fce_tuning_select(int index, int value)
+{
+    if (index < 0 || index >= N_TUNING || value < -1 || value > 1) return FCE_ERR_ARG;
+    tuning_forced[index] = value;
     update_tuning();
     return FCE_OK;
 }
 
-int fce_prefetch_current(void)
+int fce_tuning_current(int index)
 {
     fce_isa_current();
-    return tuning_in_use.prefetch;
+    switch (index) {
+    case 0: return tuning_in_use.prefetch;
+    case 1: return tuning_in_use.small_c_gather;
+    default: return -1;
+    }
 }
 
 const struct fce_paths_f32 *fce_current_paths_f32(void) { return variants[fce_isa_current()].paths_f32; }

@@ -41,7 +41,8 @@ FCE_DECLARE_VARIANT(neon)
 
 /* Tuning of the paths that is chosen per CPU at run time, not per ISA. */
 typedef struct {
-    int prefetch; /* software prefetch in the rows stream: 0 none, 1 PF_BYTES ahead */
+    int prefetch;       /* software prefetch in the rows stream: 0 none, 1 PF_BYTES ahead */
+    int small_c_gather; /* small C: rows into class vectors by gathers (1) or transposes (0) */
 } fce_tuning;
 
 /* The variant and tuning in use (fastce_dispatch.c). */

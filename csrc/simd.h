@@ -88,6 +88,26 @@ static inline void storen(T *p, V v, int64_t n)
 }
 static inline V vselect(VI mask, V a, V b) { return (V)(((VI)a & mask) | ((VI)b & ~mask)); }
 
+/* a where y == c, else b (lane-wise): a compare into a mask and a masked move */
+static inline V vselect_eq(VI y, TI c, V a, V b)
+{
+#if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32
+    return (V)_mm512_mask_mov_ps((__m512)b, _mm512_cmpeq_epi32_mask((__m512i)y, _mm512_set1_epi32(c)),
+                                 (__m512)a);
+#elif defined(__AVX512F__) && VB == 64
+    return (V)_mm512_mask_mov_pd((__m512d)b, _mm512_cmpeq_epi64_mask((__m512i)y, _mm512_set1_epi64(c)),
+                                 (__m512d)a);
+#elif defined(__AVX2__) && VB == 32 && FCE_DTYPE == 32
+    return (V)_mm256_blendv_ps((__m256)b, (__m256)a,
+                               _mm256_castsi256_ps(_mm256_cmpeq_epi32((__m256i)y, _mm256_set1_epi32(c))));
+#elif defined(__AVX2__) && VB == 32
+    return (V)_mm256_blendv_pd((__m256d)b, (__m256d)a,
+                               _mm256_castsi256_pd(_mm256_cmpeq_epi64((__m256i)y, _mm256_set1_epi64x(c))));
+#else
+    return vselect(y == c, a, b);
+#endif
+}
+
 /* max(a, b) lane-wise; b when a is NaN (so NaN never becomes the max) */
 static inline V vmax(V a, V b)
 {
@@ -121,15 +141,39 @@ static inline T hmax(V v)
 /* macros, not functions: VD may be wider than the ISA's registers, and passing
  * it by value would be an ABI matter (-Wpsabi) */
 #define widen(v) __builtin_convertvector((v), VD)
-#define HSUMD(v, out)                                                  \
-    do {                                                               \
-        double hsum_a_[L];                                             \
-        memcpy(hsum_a_, &(v), sizeof hsum_a_);                         \
-        for (int64_t hsum_w_ = L / 2; hsum_w_ > 0; hsum_w_ /= 2)       \
-            for (int64_t hsum_i_ = 0; hsum_i_ < hsum_w_; hsum_i_++)    \
-                hsum_a_[hsum_i_] += hsum_a_[hsum_i_ + hsum_w_];        \
-        (out) = hsum_a_[0];                                            \
+/* vd = a in every lane (a loop GCC turns into one broadcast; (VD){0} + a goes
+ * lane by lane through memory when VD is wider than a register) */
+#define SPLATD(vd, a)                                              \
+    do {                                                           \
+        for (int64_t splatd_i_ = 0; splatd_i_ < L; splatd_i_++)    \
+            (vd)[splatd_i_] = (a);                                 \
     } while (0)
+/* the sum of the L double lanes of v as a tree over halves (lane i + lane i + L/2,
+ * and so on), in registers: __builtin_shufflevector takes the halves */
+#define FCE_LANES (VB / (FCE_DTYPE / 8))
+typedef double VD8_ __attribute__((vector_size(64)));
+typedef double VD4_ __attribute__((vector_size(32)));
+typedef double VD2_ __attribute__((vector_size(16)));
+#define HSUMD2_(v) ((v)[0] + (v)[1])
+#define HSUMD4_(v) HSUMD2_(__builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3))
+#define HSUMD8_(v)                                                                  \
+    HSUMD4_(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7))
+#if FCE_LANES == 16
+#define HSUMD(v, out)                                                                      \
+    do {                                                                                   \
+        VD8_ hsum_h_ = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +              \
+                       __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);          \
+        (out) = HSUMD8_(hsum_h_);                                                          \
+    } while (0)
+#elif FCE_LANES == 8
+#define HSUMD(v, out) ((out) = HSUMD8_(v))
+#elif FCE_LANES == 4
+#define HSUMD(v, out) ((out) = HSUMD4_(v))
+#elif FCE_LANES == 2
+#define HSUMD(v, out) ((out) = HSUMD2_(v))
+#else
+#define HSUMD(v, out) ((out) = (v)[0])
+#endif
 
 /* V of p[idx[i]], i < L: a gather where the ISA has one (a transposition
  * through memory would stall on store forwarding), else lane by lane. */
@@ -178,6 +222,103 @@ static inline void store_stream(T *p, V v) { storeu(p, v); }
 static inline void stream_fence(void) {}
 #endif
 
+
+/* Transpose of an L x L tile held in L vectors, in place: r[i][k] <-> r[k][i].
+ * The small-C paths use it to bring L rows of up to 32 classes into class
+ * vectors (lanes across rows) and back, with contiguous loads and stores where
+ * gathers are slow (AMD Zen: microcoded). AVX-512: log2(L) stages, each swapping
+ * the off-diagonal h x h blocks of the row pairs (i, i + h) with two-source
+ * permutes (tables below); AVX2: the unpack/shuffle/permute2f128 network. */
+#if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32
+/* stage s (h = 8, 4, 2, 1): row i takes tr_mask[2s], row i + h tr_mask[2s + 1],
+ * indices 0..15 from row i and 16..31 from row i + h */
+static const int32_t tr_mask[8][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+    {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+    {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+    {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+    {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+    {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+    {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+    {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31},
+};
+static inline void transpose_square(V *r)
+{
+#pragma GCC unroll 4
+    for (int s = 0, h = 8; h >= 1; s++, h /= 2) {
+        __m512i mi = _mm512_loadu_si512(tr_mask[2 * s]), mj = _mm512_loadu_si512(tr_mask[2 * s + 1]);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++)
+            if (!(i & h)) {
+                __m512 a = (__m512)r[i], b = (__m512)r[i + h];
+                r[i] = (V)_mm512_permutex2var_ps(a, mi, b);
+                r[i + h] = (V)_mm512_permutex2var_ps(a, mj, b);
+            }
+    }
+}
+#elif defined(__AVX512F__) && VB == 64
+static const int64_t tr_mask[6][8] = {
+    {0, 1, 2, 3, 8, 9, 10, 11},
+    {4, 5, 6, 7, 12, 13, 14, 15},
+    {0, 1, 8, 9, 4, 5, 12, 13},
+    {2, 3, 10, 11, 6, 7, 14, 15},
+    {0, 8, 2, 10, 4, 12, 6, 14},
+    {1, 9, 3, 11, 5, 13, 7, 15},
+};
+static inline void transpose_square(V *r)
+{
+#pragma GCC unroll 3
+    for (int s = 0, h = 4; h >= 1; s++, h /= 2) {
+        __m512i mi = _mm512_loadu_si512(tr_mask[2 * s]), mj = _mm512_loadu_si512(tr_mask[2 * s + 1]);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++)
+            if (!(i & h)) {
+                __m512d a = (__m512d)r[i], b = (__m512d)r[i + h];
+                r[i] = (V)_mm512_permutex2var_pd(a, mi, b);
+                r[i + h] = (V)_mm512_permutex2var_pd(a, mj, b);
+            }
+    }
+}
+#elif defined(__AVX2__) && VB == 32 && FCE_DTYPE == 32
+static inline void transpose_square(V *r)
+{
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps((__m256)r[i], (__m256)r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps((__m256)r[i], (__m256)r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = (V)_mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = (V)_mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+#elif defined(__AVX2__) && VB == 32
+static inline void transpose_square(V *r)
+{
+    __m256d t0 = _mm256_unpacklo_pd((__m256d)r[0], (__m256d)r[1]);
+    __m256d t1 = _mm256_unpackhi_pd((__m256d)r[0], (__m256d)r[1]);
+    __m256d t2 = _mm256_unpacklo_pd((__m256d)r[2], (__m256d)r[3]);
+    __m256d t3 = _mm256_unpackhi_pd((__m256d)r[2], (__m256d)r[3]);
+    r[0] = (V)_mm256_permute2f128_pd(t0, t2, 0x20);
+    r[1] = (V)_mm256_permute2f128_pd(t1, t3, 0x20);
+    r[2] = (V)_mm256_permute2f128_pd(t0, t2, 0x31);
+    r[3] = (V)_mm256_permute2f128_pd(t1, t3, 0x31);
+}
+#else
+static inline void transpose_square(V *r)
+{
+    T a[L][L];
+    memcpy(a, r, sizeof a);
+    for (int64_t i = 0; i < L; i++)
+        for (int64_t k = 0; k < L; k++) r[i][k] = a[k][i];
+}
+#endif
 
 /* A table lookup per lane: tab[idx & (TAB_N - 1)], TAB_N entries held in
  * registers (vpermps/vpermpd), for the table-driven exp. TAB_N is 0 where the

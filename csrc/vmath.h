@@ -76,19 +76,17 @@ static inline V vlogf(V s)
 }
 #endif
 
-/* log of L doubles in place, as precise as the dtype needs: float32 results take
- * the division-free float log of the sums rounded to float (they are >= 1, so
- * that rounding moves the log by < 6e-8), float64 the double one. Every path that
- * finishes small-C samples uses this one, so their losses agree to the bit. */
-FCE_INLINE void log_lanes(double *inout)
+/* log of the L double lanes of *d in place, as precise as the dtype needs: float32
+ * results take the division-free float log of the sums rounded to float (they
+ * are >= 1, so that rounding moves the log by < 6e-8), float64 the double one.
+ * Every path that finishes small-C samples uses this one, so their losses agree
+ * to the bit. */
+FCE_INLINE void log_lanes(VD *d)
 {
 #if FCE_DTYPE == 32
-    VD d;
-    memcpy(&d, inout, sizeof d);
-    d = widen(vlogf(__builtin_convertvector(d, V)));
-    memcpy(inout, &d, sizeof d);
+    *d = widen(vlogf(__builtin_convertvector(*d, V)));
 #else
-    vlogd(inout);
+    vlogd((double *)d);
 #endif
 }
 

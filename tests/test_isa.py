@@ -59,92 +59,76 @@ def test_best_isa_is_supported_and_explained(isa):
     assert "family" in reason and len(reason) > 20
     cfg = fastce.get_config()
     assert cfg["isa_best"] == fastce.best_isa() and cfg["isa_reason"] == reason
-    assert isinstance(cfg["prefetch"], bool)
+    assert set(cfg["tuning"]) == {"prefetch", "small_c_gather"}
 
 
-# The software prefetch is a per-CPU tuning of the rows stream: it must change speed
-# only, never a bit of any result, on every path that streams rows (forward, gradient,
-# long-row segments, log-softmax, logsumexp, smoothing and probability targets).
-def test_prefetch_tuning_changes_no_result(isa):
-    rng = np.random.default_rng(11)
-    cases = [(3, 5000), (2, 140000), (70, 300)]
-    before = fastce.get_prefetch()
+# The tuning knobs are per CPU (fastce_dispatch.c): they may change speed only,
+# never a bit of any result. prefetch: every path that streams rows (forward,
+# gradient, long-row segments, log-softmax, logsumexp, smoothing, probabilities);
+# small_c_gather: C <= 32 rows through gathers or through transposes, for every C
+# (one and two transposes per row group), row counts that leave a partial group,
+# padded and negative row strides, and the loss-only and tile paths.
+def _results(x, t, p):
+    return [
+        fastce.cross_entropy(x, t, reduction="none"),
+        fastce.cross_entropy_with_grad(x, t, label_smoothing=0.1)[1],
+        fastce.cross_entropy_with_grad(x, t, reduction="none", grad_output=np.arange(len(t), dtype=x.dtype))[1],
+        fastce.cross_entropy_with_grad(x, p)[1],
+        fastce.log_softmax(x), fastce.logsumexp(x),
+    ]
+
+
+def _same_under(knob, cases):
     try:
-        for shape in cases:
-            x = (rng.standard_normal(shape) * 3).astype(np.float32)
-            t = rng.integers(0, shape[1], shape[0])
-            p = rng.random(shape).astype(np.float32)
-            p /= p.sum(1, keepdims=True)
-            results = []
+        for x, t, p in cases:
+            runs = []
             for mode in (False, True):
-                fastce.set_prefetch(mode)
-                assert fastce.get_prefetch() is mode
-                results.append([
-                    fastce.cross_entropy(x, t, reduction="none"),
-                    fastce.cross_entropy_with_grad(x, t, label_smoothing=0.1)[1],
-                    fastce.cross_entropy_with_grad(x, p)[1],
-                    fastce.log_softmax(x), fastce.logsumexp(x),
-                ])
-            for a, b in zip(*results):
+                fastce.set_tuning(**{knob: mode})
+                assert fastce.get_tuning()[knob] is mode
+                runs.append(_results(x, t, p))
+            for a, b in zip(*runs):
                 np.testing.assert_array_equal(a, b)
     finally:
-        fastce.set_prefetch("auto")
-    assert fastce.get_prefetch() == before
-    with pytest.raises(ValueError, match="prefetch mode"):
-        fastce.set_prefetch(2)
+        fastce.set_tuning(**{knob: "auto"})
 
 
-def test_fastce_prefetch_environment_variable(isa):
-    code = "import fastce; print(fastce.get_prefetch())"
-    assert _run_python(code, FASTCE_PREFETCH="1").stdout.strip() == "True"
-    assert _run_python(code, FASTCE_PREFETCH="0").stdout.strip() == "False"
-    out = _run_python(code, FASTCE_PREFETCH="sometimes")
-    assert "FASTCE_PREFETCH ignored" in out.stderr
+def _case(rng, N, C, dtype, stride=None, flip=False):
+    x = (rng.standard_normal((N, stride or C)) * 3).astype(dtype)[:, :C]
+    if flip:
+        x = x[::-1]
+    p = rng.random((N, C)).astype(dtype)
+    return x, rng.integers(0, C, N), p / p.sum(1, keepdims=True)
 
 
-# The exp's error bound: float32 results within 1 ulp of the float32-rounded truth
-# over [log(FLT_MIN), 0]. Measured exhaustively (every float32 there, ~1.07e9 of
-# them): max 0.891 ulp (relative 7.5e-8) with FMA (avx2, avx512), 0.989 ulp (relative
-# 8.1e-8) without (scalar, sse2); this sample of 2M points sees 0.875 and 0.978.
-# float64 within 1 ulp of np.exp and within 1.05 ulp of an extended-precision truth.
-# A polynomial one degree short (1.1e-7 relative from truncation alone in float32,
-# 2e-16 in float64), or a wrong reduction constant, breaks these at once.
-def test_exp_float32_error_bound(isa):
-    x = np.linspace(np.log(np.finfo(np.float32).tiny), 0, 2_000_001).astype(np.float32)
-    y = _exp(x).astype(np.float64)
-    truth = np.exp(x.astype(np.float64))
-    ulp = np.spacing(truth.astype(np.float32)).astype(np.float64)
-    assert np.max(np.abs(y - truth) / ulp) <= 1.0
-    assert np.max(np.abs(y - truth) / truth) < 8.5e-8
-
-
-def test_exp_float64_error_bound(isa):
-    x = np.linspace(np.log(np.finfo(np.float64).tiny), 0, 2_000_001)
-    y = _exp(x)
-    # within 1 ulp of np.exp (itself within 1 ulp of the truth)
-    assert np.max(np.abs(y - np.exp(x)) / np.spacing(np.exp(x))) <= 1.0
-    if np.finfo(np.longdouble).nmant < 60:
-        return  # no wider type here for a better truth
-    # against the truth in x87 extended precision (64-bit mantissa): bench/exp_accuracy.py
-    # measures max 0.894 ulp with FMA (avx2, avx512) and 1.012 without (scalar, sse2) on
-    # 10M points; this sample sees 0.90 and 0.996
-    truth = np.exp(x.astype(np.longdouble))
-    ulp = np.spacing(truth.astype(np.float64)).astype(np.longdouble)
-    assert float(np.max(np.abs(y.astype(np.longdouble) - truth) / ulp)) <= 1.05
+def test_prefetch_tuning_changes_no_result(isa):
+    rng = np.random.default_rng(11)
+    before = fastce.get_tuning()
+    _same_under("prefetch", [_case(rng, N, C, np.float32) for N, C in [(3, 5000), (2, 140000), (70, 300)]])
+    assert fastce.get_tuning() == before
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_exp_special_values(isa, dtype):
-    tiny = np.finfo(dtype).tiny
-    x = np.array([0.0, -0.0, -np.inf, np.nan, -1e30, np.log(tiny) * 1.01, np.log(tiny) * 0.99],
-                 dtype=dtype)
-    y = _exp(x)
-    assert y[0] == 1.0 and y[1] == 1.0
-    assert y[2] == 0.0 and np.isnan(y[3]) and y[4] == 0.0
-    # below the normal range: flushed to exactly 0, never a denormal
-    assert y[5] == 0.0
-    assert y[6] >= tiny
-    # every length hits the lane tails of every variant
-    for n in range(1, 40):
-        z = -np.arange(n, dtype=dtype) / 3
-        np.testing.assert_allclose(_exp(z), np.exp(z), rtol=2 * np.finfo(dtype).eps)
+def test_small_c_gather_tuning_changes_no_result(isa, dtype):
+    rng = np.random.default_rng(12)
+    cases = [_case(rng, N, C, dtype) for C in range(1, 33) for N in (1, 7, 70)]
+    cases += [_case(rng, 37, 10, dtype, stride=13), _case(rng, 37, 20, dtype, flip=True)]
+    before = fastce.get_tuning()
+    _same_under("small_c_gather", cases)
+    assert fastce.get_tuning() == before
+
+
+def test_tuning_errors():
+    with pytest.raises(ValueError, match="tuning prefetch must be"):
+        fastce.set_tuning(prefetch=2)
+    with pytest.raises(ValueError, match="unknown tuning knob 'fast'"):
+        fastce.set_tuning(fast=True)
+
+
+def test_fastce_tuning_environment_variable(isa):
+    code = "import fastce; t = fastce.get_tuning(); print(t['prefetch'], t['small_c_gather'])"
+    out = _run_python(code, FASTCE_TUNING="prefetch=1,small_c_gather=0")
+    assert out.stdout.split() == ["True", "False"]
+    out = _run_python(code, FASTCE_TUNING="prefetch=0, small_c_gather=1")
+    assert out.stdout.split() == ["False", "True"]
+    out = _run_python(code, FASTCE_TUNING="prefetch=sometimes")
+    assert "FASTCE_TUNING ignored" in out.stderr

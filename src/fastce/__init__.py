@@ -13,16 +13,16 @@ Public API: :func:`cross_entropy`, :func:`cross_entropy_with_grad`,
 :mod:`fastce.reference`; a PyTorch autograd drop-in in :mod:`fastce.torch`
 (imported on demand); :func:`available_isas`, :func:`get_isa`,
 :func:`set_isa`, :func:`use_isa`, :func:`best_isa`, :func:`isa_reason`,
-:func:`get_prefetch`, :func:`set_prefetch`, :func:`get_config`, :func:`show_config`.
+:func:`get_tuning`, :func:`set_tuning`, :func:`get_config`, :func:`show_config`.
 """
 import contextlib as _contextlib
 
 from ._core import (
     available_isas,
     best_isa,
-    get_prefetch,
+    get_tuning,
     isa_reason,
-    set_prefetch,
+    set_tuning,
     cross_entropy,
     cross_entropy_with_grad,
     get_isa,
@@ -45,8 +45,8 @@ __all__ = [
     "use_isa",
     "best_isa",
     "isa_reason",
-    "get_prefetch",
-    "set_prefetch",
+    "get_tuning",
+    "set_tuning",
     "get_config",
     "show_config",
     "__version__",
@@ -74,15 +74,15 @@ def get_config():
     """The build and run-time configuration as a dict.
 
     Keys: ``version``, ``isa`` (in use), ``isa_best`` (chosen for this CPU by merit),
-    ``isa_reason`` (why, in words), ``prefetch`` (the rows stream's software
-    prefetch, chosen per CPU family), ``isas_available`` (this CPU),
+    ``isa_reason`` (why, in words), ``tuning`` (the per-CPU knobs in use, see
+    :func:`get_tuning`), ``isas_available`` (this CPU),
     ``isas_compiled``, ``openmp`` (bool), ``openmp_flags``, ``c_flags``,
     ``max_threads`` (OpenMP's), ``default_threads`` (0: chosen per call from
     the input size; set by ``FASTCE_NUM_THREADS``), and ``threadpools``: what
     threadpoolctl reports for this process, when it is installed.
     """
     info = {"version": __version__, "isa": get_isa(), "isa_best": best_isa(),
-            "isa_reason": isa_reason(), "prefetch": get_prefetch(),
+            "isa_reason": isa_reason(), "tuning": get_tuning(),
             "isas_available": available_isas()}
     info.update(_build_info())
     try:
@@ -106,6 +106,8 @@ def show_config():
     for key, value in info.items():
         if isinstance(value, list):
             value = ", ".join(value)
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
         print(f"{key:<{width}} : {value}")
     if pools is not None:
         print("threadpools (threadpoolctl):")

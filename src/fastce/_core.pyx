@@ -50,8 +50,10 @@ cdef extern from "fastce.h" nogil:
     int fce_isa_current()
     int fce_isa_select(int index)
     const char *fce_isa_reason()
-    int fce_prefetch_select(int prefetch)
-    int fce_prefetch_current()
+    int fce_tuning_count()
+    const char *fce_tuning_name(int index)
+    int fce_tuning_select(int index, int value)
+    int fce_tuning_current(int index)
     int fce_openmp_enabled()
     int fce_max_threads()
     void fce_exp_f32(const float *x, float *y, int64_t n)
@@ -147,21 +149,43 @@ def isa_reason():
     """Why :func:`best_isa` and the tuning were chosen, in words (CPU vendor, family, model)."""
     return fce_isa_reason().decode()
 
-def get_prefetch():
-    """True when the rows stream issues software prefetches (chosen per CPU family)."""
-    return bool(fce_prefetch_current())
+def _tuning_names():
+    return [fce_tuning_name(i).decode() for i in range(fce_tuning_count())]
 
-def set_prefetch(mode):
-    """Force the rows stream's software prefetch: ``True``, ``False``, or ``"auto"``
-    (as chosen for this CPU). ``FASTCE_PREFETCH=0|1|auto`` does the same at import.
-    Results do not depend on it, only speed."""
-    if mode == "auto":
-        code = -1
-    elif mode is True or mode is False:
-        code = int(mode)
-    else:
-        raise ValueError(f"prefetch mode must be True, False or 'auto', got {mode!r}")
-    fce_prefetch_select(code)
+def get_tuning():
+    """The per-CPU tuning in use, as ``{name: bool}``.
+
+    ``prefetch``: the rows stream issues software prefetches; ``small_c_gather``:
+    rows of few classes are brought into class vectors by gathers (else by
+    contiguous loads and in-register transposes). Both are chosen with the
+    variant from the CPU's vendor and family (:func:`isa_reason` says why).
+    """
+    return {name: bool(fce_tuning_current(i)) for i, name in enumerate(_tuning_names())}
+
+def set_tuning(**knobs):
+    """Force tuning knobs: ``set_tuning(prefetch=False, small_c_gather=True)``;
+    ``"auto"`` goes back to the choice for this CPU. ``FASTCE_TUNING`` does the
+    same at import (``FASTCE_TUNING=prefetch=0,small_c_gather=auto``). Results do
+    not depend on the tuning, only speed.
+
+    >>> import fastce
+    >>> fastce.set_tuning(prefetch=True); fastce.get_tuning()["prefetch"]
+    True
+    >>> fastce.set_tuning(prefetch="auto")
+    """
+    names = _tuning_names()
+    codes = {}
+    for name, mode in knobs.items():
+        if name not in names:
+            raise ValueError(f"unknown tuning knob {name!r}; expected one of {names}")
+        if mode == "auto":
+            codes[name] = -1
+        elif mode is True or mode is False:
+            codes[name] = int(mode)
+        else:
+            raise ValueError(f"tuning {name} must be True, False or 'auto', got {mode!r}")
+    for name, code in codes.items():
+        fce_tuning_select(names.index(name), code)
 
 def set_isa(name):
     """Use the kernel variant ``name`` (one of :func:`available_isas`) from now on.
@@ -196,14 +220,19 @@ if _env_isa:
     except ValueError as exc:
         warnings.warn(f"FASTCE_ISA ignored: {exc}", RuntimeWarning, stacklevel=2)
 
-_env_prefetch = os.environ.get("FASTCE_PREFETCH")
-if _env_prefetch:
-    _modes = {"0": False, "1": True, "auto": "auto"}
-    if _env_prefetch.strip().lower() in _modes:
-        set_prefetch(_modes[_env_prefetch.strip().lower()])
-    else:
-        warnings.warn(f"FASTCE_PREFETCH ignored: {_env_prefetch!r} is not 0, 1 or auto",
-                      RuntimeWarning, stacklevel=2)
+_env_tuning = os.environ.get("FASTCE_TUNING")
+if _env_tuning:
+    try:
+        _modes = {"0": False, "1": True, "auto": "auto"}
+        _knobs = {}
+        for _item in _env_tuning.split(","):
+            _name, _sep, _value = _item.partition("=")
+            if not _sep or _value.strip().lower() not in _modes:
+                raise ValueError(f"{_item!r} is not name=0|1|auto")
+            _knobs[_name.strip()] = _modes[_value.strip().lower()]
+        set_tuning(**_knobs)
+    except ValueError as exc:
+        warnings.warn(f"FASTCE_TUNING ignored: {exc}", RuntimeWarning, stacklevel=2)
 
 
 def _exp(x):
