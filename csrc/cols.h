@@ -32,6 +32,10 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
     /* sums over classes in T, folded into double every CH classes (d in double) */
     enum { CH = 16 };
     double S[G], D[G], Q[G];
+    /* small C with a gradient: the exps of this pass are kept for the write pass
+     * (softmax = exp(x - k) exp(-ls)), so each element costs one exp */
+    const int keep_e = C <= FCE_SMALL_C && cx->want_out && cx->op == FCE_OP_LOSS;
+    T E[FCE_SMALL_C * G];
     for (int64_t j = 0; j < G; j++) S[j] = D[j] = Q[j] = 0.0;
     for (int64_t c0 = 0; c0 < C; c0 += CH) {
         int64_t c1 = c0 + CH < C ? c0 + CH : C;
@@ -44,7 +48,9 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
             else if (qmode == Q_W) qc = splat(cx->w[c]);
             for (int v = 0; v < nv; v++) {
                 V xv = loadn(x + c * cs + v * L, J - v * L, -INFINITY);
-                s[v] += vexp(xv - k[v]);
+                V e = vexp(xv - k[v]);
+                s[v] += e;
+                if (keep_e) storeu(E + c * G + v * L, e);
                 if (qmode != Q_NONE) {
                     V qv = qc;
                     if (qmode == Q_P || qmode == Q_PW) {
@@ -56,12 +62,20 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
                 }
             }
         }
-        for (int v = 0; v < nv; v++)
-            for (int64_t i = 0; i < L; i++) {
-                S[v * L + i] += (double)s[v][i];
-                D[v * L + i] += d[v][i];
-                Q[v * L + i] += (double)q[v][i];
+        for (int v = 0; v < nv; v++) {
+            VD t;
+            memcpy(&t, S + v * L, sizeof t);
+            t += widen(s[v]);
+            memcpy(S + v * L, &t, sizeof t);
+            if (qmode != Q_NONE) {
+                memcpy(&t, D + v * L, sizeof t);
+                t += d[v];
+                memcpy(D + v * L, &t, sizeof t);
+                memcpy(&t, Q + v * L, sizeof t);
+                t += widen(q[v]);
+                memcpy(Q + v * L, &t, sizeof t);
             }
+        }
     }
 
     /* finish each position (the logs four vectors at a time) */
@@ -76,63 +90,75 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
     sample smp[G];
     T Kt[G], LSt[G], C1[G], C2[G];
     TI keep[G];
+    TI ys[G];        /* each position's target class (-1: none), to leave out of its mass */
+    VD A[4], GS[4];  /* the loss: a and the upstream gradient of each position */
     if (cx->op == FCE_OP_LOSS) {
-        /* the loss of L positions at a time, in double lanes; targets gathered per lane */
+        /* L positions at a time in double lanes (fce_ctx.h's formulas), no per-sample state */
         const fce_job *job = cx->job;
         for (int v = 0; v < 4; v++) {
-            double a[L], xy[L], gs[L];
-            int64_t valid[L];
+            const int64_t Jv = J - v * L;
+            int64_t yl[L], okl[L];
             for (int64_t i = 0; i < L; i++) {
-                int64_t j = v * L + i;
-                a[i] = xy[i] = gs[i] = 0.0;
-                valid[i] = 0;
-                if (j < G) keep[j] = 0, Kt[j] = LSt[j] = C1[j] = C2[j] = 0;
-                if (j >= J || !sample_target(cx, s0 + j, &smp[j])) continue;
-                valid[i] = -1;
-                a[i] = smp[j].a;
-                if (cx->has_y) xy[i] = smp[j].xy = (double)x[smp[j].y * cs + j];
-                if (cx->want_out) gs[i] = sample_gs(cx, s0 + j);
+                int64_t y = -1;
+                int valid = i < Jv;
+                if (valid && cx->has_y) {
+                    y = job->target[s0 + v * L + i];
+                    if (y == job->ignore_index) valid = 0, y = -1;
+                }
+                yl[i] = y;
+                okl[i] = valid ? -1 : 0;
             }
-            if (v >= nv) continue;
-            VD va, vxy, vls, vd, vq, vgs;
-            VL ok;
-            memcpy(&va, a, sizeof va);
-            memcpy(&vxy, xy, sizeof vxy);
+            VL ok, yv;
+            memcpy(&ok, okl, sizeof ok);
+            memcpy(&yv, yl, sizeof yv);
+            VI y32 = __builtin_convertvector(yv, VI);
+            memcpy(ys + v * L, &y32, sizeof y32);
+            SPLATD(A[v], cx->a0);
+            if (cx->w && cx->has_y)
+                for (int64_t i = 0; i < L; i++) A[v][i] = okl[i] ? cx->a0 * (double)cx->w[yl[i]] : 0.0;
+            VD vls, vd, vq, vk = widen(k[v]), loss = widen(splat(0));
             memcpy(&vls, LS + v * L, sizeof vls);
-            memcpy(&ok, valid, sizeof ok);
-            VD vk = widen(k[v]);
-            VD loss = (VD){0};
-            if (cx->has_y) loss = LOSS_TARGET(va, vk, vxy, vls);
+            memcpy(&vq, Q + v * L, sizeof vq);
+            if (cx->has_y && Jv > 0) {
+                /* the target logits, picked from the tile (two chains of selects) */
+                V xe = splat(0), xo = xe;
+                int64_t c = 0;
+                for (; c + 1 < C; c += 2) {
+                    xe = vselect_eq(y32, (TI)c, loadn(x + c * cs + v * L, Jv, 0), xe);
+                    xo = vselect_eq(y32, (TI)(c + 1), loadn(x + (c + 1) * cs + v * L, Jv, 0), xo);
+                }
+                if (c < C) xe = vselect_eq(y32, (TI)c, loadn(x + c * cs + v * L, Jv, 0), xe);
+                loss = LOSS_TARGET(A[v], vk, widen((V)((VI)xe | (VI)xo)), vls);
+            }
             if (qmode != Q_NONE) {
                 memcpy(&vd, D + v * L, sizeof vd);
-                memcpy(&vq, Q + v * L, sizeof vq);
                 loss += LOSS_COEFS(cx->b, vd, vq, vls);
             }
             loss = (VD)((VL)loss & ok);
             double sum;
             HSUMD(loss, sum); /* a tree per vector, the vectors in order (rows_small_c_loss too) */
             total += sum;
-            for (int64_t i = 0; i < L && v * L + i < J; i++) {
-                int64_t j = v * L + i;
-                if (!valid[i]) continue;
-                if (job->loss_out) ((T *)job->loss_out)[s0 + j] = (T)loss[i];
-                if (!cx->want_out) continue;
-                keep[j] = -1;
-                smp[j].k = vk[i];
-                smp[j].ls = LS[j];
-                smp[j].gs = gs[i];
-                Kt[j] = (T)vk[i];
-                LSt[j] = (T)LS[j];
-            }
-            if (cx->want_out) {
-                memcpy(&vgs, gs, sizeof vgs);
-                if (qmode == Q_NONE) memcpy(&vq, Q + v * L, sizeof vq);
-                VD c1 = GRAD_C1(vgs, va, cx->b, vq), c2 = GRAD_C2(vgs, cx->b);
-                for (int64_t i = 0; i < L && v * L + i < J; i++)
-                    if (valid[i]) C1[v * L + i] = (T)c1[i], C2[v * L + i] = (T)c2[i];
-            }
+            if (job->loss_out && Jv > 0)
+                storen((T *)job->loss_out + s0 + v * L, __builtin_convertvector(loss, V), Jv);
+            if (!cx->want_out) continue;
+            if (cx->reduction != FCE_REDUCE_NONE)
+                SPLATD(GS[v], cx->gscale);
+            else if (job->grad_output && Jv > 0)
+                GS[v] = widen(loadn((const T *)job->grad_output + s0 + v * L, Jv, 0));
+            else
+                SPLATD(GS[v], 1.0);
+            VI keepv = __builtin_convertvector(ok, VI);
+            V c1 = __builtin_convertvector(GRAD_C1(GS[v], A[v], cx->b, vq), V);
+            V c2 = __builtin_convertvector(GRAD_C2(GS[v], cx->b), V);
+            V ktv = k[v], lst = __builtin_convertvector(vls, V);
+            storeu(Kt + v * L, ktv);
+            storeu(LSt + v * L, lst);
+            storeu(C1 + v * L, (V)((VI)c1 & keepv));
+            storeu(C2 + v * L, (V)((VI)c2 & keepv));
+            memcpy(keep + v * L, &keepv, sizeof keepv);
         }
     }
+    /* log-softmax and logsumexp: sample by sample (finish_sample writes the lse) */
     for (int64_t j = 0; j < J && cx->op != FCE_OP_LOSS; j++) {
         fce_state st = {(double)m[j / L][j % L], S[j], D[j], Q[j]};
         keep[j] = 0;
@@ -143,20 +169,20 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
         keep[j] = -1;
         Kt[j] = (T)smp[j].k;
         LSt[j] = (T)smp[j].ls;
-        if (cx->want_out && cx->op == FCE_OP_LOSS) {
-            C1[j] = (T)GRAD_C1(smp[j].gs, smp[j].a, cx->b, Q[j]);
-            C2[j] = (T)GRAD_C2(smp[j].gs, cx->b);
-        }
     }
     if (!cx->want_out) return total;
 
     /* write pass: gradient or log-softmax, zero for ignored positions */
     const int log_softmax = cx->op == FCE_OP_LOG_SOFTMAX;
-    TI ys[G]; /* each position's target class (-1: none), to leave out of its mass */
+    if (cx->op != FCE_OP_LOSS)
+        for (int64_t j = 0; j < G; j++) ys[j] = -1;
     for (int64_t j = J; j < G; j++) keep[j] = 0, Kt[j] = LSt[j] = C1[j] = C2[j] = 0;
-    for (int64_t j = 0; j < G; j++) ys[j] = (j < J && keep[j] && cx->has_y) ? (TI)smp[j].y : -1;
-    V mass[4];
-    for (int v = 0; v < 4; v++) mass[v] = splat(0);
+    V mass[4], py[4]; /* softmax mass written but the target's; the target's p_y */
+    V f[4];           /* with kept exps: exp(-ls) */
+    for (int v = 0; v < 4; v++) {
+        mass[v] = py[v] = splat(0);
+        f[v] = keep_e ? vexp(splat(0) - loadu(LSt + v * L)) : splat(0);
+    }
     for (int64_t c = 0; c < C; c++) {
         V qc = splat(0);
         if (qmode == Q_ONE) qc = splat(1);
@@ -169,10 +195,11 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
             if (log_softmax) {
                 o = z;
             } else {
-                V e = vexp(z);
+                V e = keep_e ? loadu(E + c * G + v * L) * f[v] : vexp(z);
                 VI yv;
                 memcpy(&yv, ys + v * L, sizeof yv);
                 mass[v] += (V)((VI)e & ~(yv == (TI)c));
+                py[v] = vselect_eq(yv, (TI)c, e, py[v]);
                 o = loadu(C1 + v * L) * e;
                 if (qmode != Q_NONE) {
                     V qv = qc;
@@ -189,9 +216,23 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
         }
     }
     if (cx->has_y && !log_softmax)
-        for (int64_t j = 0; j < J; j++)
-            if (keep[j])
-                out[smp[j].y * ocs + j] = target_grad(cx, &smp[j], Q[j], (double)mass[j / L][j % L]);
+        for (int v = 0; v < 4 && v * L < J; v++) {
+            /* target_grad (fce_ctx.h) for L positions at a time */
+            VD pyd = widen(py[v]), others = widen(mass[v]), q, qy;
+            VL big = pyd > 0.5;
+            VD pym1 = (VD)(((VL)(widen(splat(0)) - others) & big) | ((VL)(pyd - 1.0) & ~big));
+            VD g = TGRAD_TARGET(A[v], pym1);
+            if (qmode != Q_NONE) {
+                memcpy(&q, Q + v * L, sizeof q);
+                SPLATD(qy, 1.0);
+                if (cx->w)
+                    for (int64_t i = 0; i < L; i++) qy[i] = ys[v * L + i] >= 0 ? (double)cx->w[ys[v * L + i]] : 0.0;
+                g += TGRAD_COEFS(cx->b, q, pym1, qy);
+            }
+            V gt = __builtin_convertvector(GS[v] * g, V);
+            for (int64_t i = 0; i < L && v * L + i < J; i++)
+                if (keep[v * L + i]) out[ys[v * L + i] * ocs + v * L + i] = gt[i];
+        }
     return total;
 }
 

@@ -104,8 +104,13 @@ int NAME(fce_run)(fce_job *job)
     cx.p = (const T *)job->prob;
     cx.g = (T *)job->grad;
     cx.want_out = job->grad != NULL;
-    /* a large output not aliasing the input: stream it past the caches */
+    /* a large output not aliasing the input, in long rows: stream it past the
+     * caches. Short rows are not streamed: their first and last cache lines are
+     * shared with the rows around them (and the target's element is written
+     * apart), and partly streamed lines cost more than the caches save (Zen 4,
+     * (16384, 1000): 10.6 ms streamed, 8.1 ms not; (4096, 32000): 74 vs 79). */
     cx.stream = cx.want_out && job->grad != job->x &&
+                job->n_classes * (int64_t)sizeof(T) >= FCE_STREAM_ROW_BYTES &&
                 job->n_outer * job->n_classes * job->n_inner * (int64_t)sizeof(T) >= FCE_STREAM_BYTES;
     cx.has_y = job->op == FCE_OP_LOSS && job->target != NULL;
     const int64_t C = cx.C, N = job->n_outer, D = job->n_inner;
@@ -232,7 +237,8 @@ int NAME(fce_run)(fce_job *job)
                 double others = 0.0;
                 for (int64_t i = 0; i < cx.nseg; i++) others += cx.mass[r * cx.nseg + i];
                 cx.g[r * job->grad_outer_stride + cx.smps[r].y] =
-                    target_grad(&cx, &cx.smps[r], cx.states[r * cx.nseg].q, others);
+                    target_grad(&cx, &cx.smps[r], cx.states[r * cx.nseg].q, others,
+                                target_prob(&cx.smps[r]));
             }
         }
     }

@@ -151,20 +151,25 @@ static inline double finish_sample(const ctx *cx, int64_t s, const fce_state *st
 }
 
 /* The gradient of the target class, in double:
- *   gs (a (p_y - 1) + b (q p_y - q_y)).
- * p_y - 1 cancels when p_y ~ 1: there it is -(the softmax mass of the other
- * classes), summed while the other gradients were written; else expm1(z). */
-static inline T target_grad(const ctx *cx, const sample *smp, double qsum, double others)
+ *   gs (a (p_y - 1) + b (q p_y - q_y)),
+ * p_y = exp((x_y - k) - ls) as the caller computed it (in double, or from the
+ * exps it wrote). p_y - 1 cancels when p_y ~ 1: there it is -(the softmax mass
+ * of the other classes), summed while the other gradients were written; for
+ * p_y <= 1/2 the subtraction is exact to p_y's rounding (|p_y - 1| >= 1/2). */
+/* its two terms, as for the loss (a term that does not apply is left out) */
+#define TGRAD_TARGET(a, pym1) ((a) * (pym1))
+#define TGRAD_COEFS(b, q, pym1, qy) ((b) * ((q) * (pym1) + ((q) - (qy))))
+static inline T target_grad(const ctx *cx, const sample *smp, double qsum, double others,
+                            double py)
 {
-    double z = (smp->xy - smp->k) - smp->ls;
-    double py = exp(z);
-    double pym1 = py > 0.5 ? -others : expm1(z);
-    double g = smp->a * pym1;
-    if (cx->qmode != Q_NONE) {
-        double qy = cx->w ? (double)cx->w[smp->y] : 1.0;
-        g += cx->b * (qsum * pym1 + (qsum - qy));
-    }
+    double pym1 = py > 0.5 ? -others : py - 1.0;
+    double g = TGRAD_TARGET(smp->a, pym1);
+    if (cx->qmode != Q_NONE)
+        g += TGRAD_COEFS(cx->b, qsum, pym1, cx->w ? (double)cx->w[smp->y] : 1.0);
     return (T)(smp->gs * g);
 }
+
+/* p_y of a finished sample, in double */
+static inline double target_prob(const sample *smp) { return exp((smp->xy - smp->k) - smp->ls); }
 
 #endif

@@ -433,7 +433,7 @@ static double row_one(const ctx *cx, int64_t r, T *ek)
         ek ? write_row_kept(cx, x, ek, bm, g, cx->C, skip, cx->w, p, &smp, (T)c1, (T)c2)
            : write_range_any(cx, x, NULL, 0, g, cx->C, skip, cx->w, p, (T)smp.k, (T)smp.ls,
                              (T)c1, (T)c2);
-    if (target) g[smp.y] = target_grad(cx, &smp, st.q, others);
+    if (target) g[smp.y] = target_grad(cx, &smp, st.q, others, target_prob(&smp));
     return loss;
 }
 
