@@ -132,3 +132,61 @@ def test_fastce_tuning_environment_variable(isa):
     assert out.stdout.split() == ["False", "True"]
     out = _run_python(code, FASTCE_TUNING="prefetch=sometimes")
     assert "FASTCE_TUNING ignored" in out.stderr
+
+
+# The exp's error bound. Measured by bench/exp_accuracy.py (every float32 in
+# [log(FLT_MIN), 0]; 10M float64 points against an x87 extended-precision truth):
+#   polynomial form (scalar, sse2; float64 on avx2): float32 0.989 ulp (relative
+#     8.1e-8), float64 1.012 ulp without FMA, 0.894 with FMA (avx2)
+#   register-table form (vmath.h; avx2 float32, avx512): float32 0.605 ulp (avx2,
+#     8 entries), 0.687 (avx512, 16 entries), relative <= 7.0e-8; float64 0.550 ulp
+# The bounds below sit just above those maxima: a polynomial one degree short
+# (1.1e-7 relative from truncation alone in float32, 2e-16 in float64), a table
+# entry or correction off by one ulp, or a wrong reduction constant breaks them.
+TABLE_EXP = {"avx2": ("float32",), "avx512": ("float32", "float64")}
+
+
+def _exp_bound(isa, dtype):
+    table = dtype in TABLE_EXP.get(isa, ())
+    if dtype == "float32":
+        return (0.75, 7.5e-8) if table else (1.0, 8.5e-8)
+    return 0.6 if table else 1.05
+
+
+def test_exp_float32_error_bound(isa):
+    x = np.linspace(np.log(np.finfo(np.float32).tiny), 0, 2_000_001).astype(np.float32)
+    y = _exp(x).astype(np.float64)
+    truth = np.exp(x.astype(np.float64))
+    ulp = np.spacing(truth.astype(np.float32)).astype(np.float64)
+    max_ulp, max_rel = _exp_bound(isa, "float32")
+    assert np.max(np.abs(y - truth) / ulp) <= max_ulp
+    assert np.max(np.abs(y - truth) / truth) < max_rel
+
+
+def test_exp_float64_error_bound(isa):
+    x = np.linspace(np.log(np.finfo(np.float64).tiny), 0, 2_000_001)
+    y = _exp(x)
+    # within 1 ulp of np.exp (itself within 1 ulp of the truth)
+    assert np.max(np.abs(y - np.exp(x)) / np.spacing(np.exp(x))) <= 1.0
+    if np.finfo(np.longdouble).nmant < 60:
+        return  # no wider type here for a better truth
+    truth = np.exp(x.astype(np.longdouble))
+    ulp = np.spacing(truth.astype(np.float64)).astype(np.longdouble)
+    assert float(np.max(np.abs(y.astype(np.longdouble) - truth) / ulp)) <= _exp_bound(isa, "float64")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_special_values(isa, dtype):
+    tiny = np.finfo(dtype).tiny
+    x = np.array([0.0, -0.0, -np.inf, np.nan, -1e30, np.log(tiny) * 1.01, np.log(tiny) * 0.99],
+                 dtype=dtype)
+    y = _exp(x)
+    assert y[0] == 1.0 and y[1] == 1.0
+    assert y[2] == 0.0 and np.isnan(y[3]) and y[4] == 0.0
+    # below the normal range: flushed to exactly 0, never a denormal
+    assert y[5] == 0.0
+    assert y[6] >= tiny
+    # every length hits the lane tails of every variant
+    for n in range(1, 40):
+        z = -np.arange(n, dtype=dtype) / 3
+        np.testing.assert_allclose(_exp(z), np.exp(z), rtol=2 * np.finfo(dtype).eps)
