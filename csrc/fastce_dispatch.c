@@ -90,7 +90,7 @@ static const variant variants[] = {
 typedef struct {
     int isa;            /* index into variants */
     fce_tuning tune;
-    char reason[160];
+    char reason[320];
 } choice;
 
 static int find_variant(const char *name)
