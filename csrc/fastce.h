@@ -106,6 +106,9 @@ int fce_tuning_current(int index);
 /* Threads: the OpenMP runtime and the default thread count. */
 int fce_openmp_enabled(void);
 int fce_max_threads(void);
+/* 1 in a process forked after a threaded call: every call then runs on one thread
+ * (libgomp's pool does not survive fork; entering it would hang). */
+int fce_forked_single(void);
 
 /* The vectorised exp, exposed for accuracy tests: y[i] = exp(x[i]) for x <= 0
  * (results below the smallest normal number are flushed to 0). */

@@ -261,16 +261,46 @@ int fce_max_threads(void)
 #endif
 }
 
+/* fork: libgomp's thread pool does not survive fork(), and a child that enters a
+ * parallel region after its parent used threads hangs (torch's children do too).
+ * So a child forked after a threaded call runs every later call on one thread
+ * (the kernel then never enters a parallel region). Registered on first use. */
+#if defined(_OPENMP) && (defined(__unix__) || defined(__APPLE__))
+#include <pthread.h>
+static volatile int threads_used = 0, forked_single = 0;
+static void child_after_fork(void)
+{
+    if (threads_used) forked_single = 1;
+}
+static void fork_guard(int nt)
+{
+    static volatile int registered = 0;
+    if (!registered) {
+        registered = 1;
+        pthread_atfork(NULL, NULL, child_after_fork);
+    }
+    if (nt > 1) threads_used = 1;
+}
+#define FORKED_SINGLE() (forked_single)
+#else
+static void fork_guard(int nt) { (void)nt; }
+#define FORKED_SINGLE() 0
+#endif
+
+int fce_forked_single(void) { return FORKED_SINGLE(); }
+
 /* Below this many logits per thread, another thread costs more than it saves. */
 #define FCE_MIN_ELEMS_PER_THREAD 65536
 
 int fce_pick_threads(int n_threads, int64_t elems, int64_t n_items)
 {
+    if (FORKED_SINGLE()) return 1;
     int nt = n_threads > 0 ? n_threads : fce_max_threads();
     if (n_threads <= 0) {
         int64_t by_size = elems / FCE_MIN_ELEMS_PER_THREAD;
         if (by_size < nt) nt = by_size < 1 ? 1 : (int)by_size;
     }
     if (n_items < nt) nt = n_items < 1 ? 1 : (int)n_items;
+    fork_guard(nt);
     return nt;
 }

@@ -87,12 +87,39 @@ print("ok", fastce.get_config()["openmp"])
 
 def test_fastce_num_threads_environment_variable():
     code = "import fastce; print(fastce.get_config()['default_threads'])"
-    env = dict(os.environ, FASTCE_NUM_THREADS="3")
+    n = min(2, len(os.sched_getaffinity(0)))  # at most the usable cores (see below)
+    env = dict(os.environ, FASTCE_NUM_THREADS=str(n))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.stdout.strip() == "3"
+    assert out.stdout.strip() == str(n)
     env = dict(os.environ, FASTCE_NUM_THREADS="lots")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "0" and "FASTCE_NUM_THREADS" in out.stderr
+
+
+# Issue 11c: FASTCE_NUM_THREADS=99999999999 made `import fastce` fail (OverflowError),
+# and 2000 started 2000 threads. More than the usable cores are never started: such
+# values import, warn and use the usable cores, as n_threads= does.
+@pytest.mark.parametrize("value", ["99999999999", "2000", " 1 "])
+def test_fastce_num_threads_is_capped_at_the_cores(value):
+    code = ("import os, fastce; print(fastce.get_config()['default_threads'], "
+            "len(os.sched_getaffinity(0)))")
+    env = dict(os.environ, FASTCE_NUM_THREADS=value)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    got, cores = map(int, out.stdout.split())
+    if value.strip() == "1":
+        assert got == 1 and not out.stderr
+    else:
+        assert got == cores and "usable cores" in out.stderr
+
+
+def test_n_threads_beyond_the_cores_is_capped():
+    # results are bit-identical for any thread count, so a capped call is too
+    x = np.random.default_rng(0).standard_normal((300, 4000)).astype(np.float32)
+    t = np.arange(300) % 4000
+    ref = fastce.cross_entropy(x, t, n_threads=1)
+    assert fastce.cross_entropy(x, t, n_threads=10**9) == ref
+    assert fastce.cross_entropy_with_grad(x, t, n_threads=10**6)[0] == ref
 
 
 def test_show_config(capsys):
@@ -102,3 +129,26 @@ def test_show_config(capsys):
     info = fastce.get_config()
     assert info["version"] == fastce.__version__
     assert set(info["isas_available"]) <= set(info["isas_compiled"])
+
+
+# Issue 11b: after a call that used two or more OpenMP threads, a child made by
+# fork (multiprocessing's default on Linux before Python 3.14) hung on its first
+# call. The child now runs single-threaded and completes; the parent keeps its
+# threads. The child's results equal the parent's (any thread count, same bits).
+def test_fork_after_a_threaded_call_does_not_hang():
+    code = r"""
+import os, sys, numpy as np, fastce
+x = np.random.default_rng(0).standard_normal((512, 4096)).astype(np.float32)
+t = np.arange(512) % 4096
+ref = fastce.cross_entropy(x, t, n_threads=2)
+pid = os.fork()
+if pid == 0:
+    ok = fastce.cross_entropy(x, t, n_threads=2) == ref
+    g = fastce.cross_entropy_with_grad(x, t)[1]
+    os._exit(0 if ok and fastce.get_config()["forked_single_thread"] and g.shape == x.shape else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), fastce.get_config()["forked_single_thread"])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "False"]

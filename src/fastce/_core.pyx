@@ -56,6 +56,7 @@ cdef extern from "fastce.h" nogil:
     int fce_tuning_current(int index)
     int fce_openmp_enabled()
     int fce_max_threads()
+    int fce_forked_single()
     void fce_exp_f32(const float *x, float *y, int64_t n)
     void fce_exp_f64(const double *x, double *y, int64_t n)
 
@@ -90,18 +91,32 @@ _COLS_MAX_C = 1024  # FCE_COLS_MAX_C in csrc/fastce_internal.h
 
 # ------------------------------------------------------------------ threads
 
+def _usable_cores():
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return max(os.cpu_count() or 1, 1)
+
+# more threads than usable cores are never started: the kernel gains nothing from
+# oversubscription, and FASTCE_NUM_THREADS=2000 must not start 2000 threads
+cdef int _max_threads = _usable_cores()
+
 def _env_threads():
     value = os.environ.get("FASTCE_NUM_THREADS")
     if not value:
         return 0
     try:
-        n = int(value)
+        n = int(value.strip())
     except ValueError:
         n = 0
     if n < 1:
         warnings.warn(f"FASTCE_NUM_THREADS={value!r} is not a positive integer; ignored",
                       RuntimeWarning, stacklevel=2)
         return 0
+    if n > _max_threads:
+        warnings.warn(f"FASTCE_NUM_THREADS={value!r} is more than the {_max_threads} usable "
+                      f"cores; using {_max_threads}", RuntimeWarning, stacklevel=2)
+        return _max_threads
     return n
 
 cdef int _default_threads = _env_threads()
@@ -113,7 +128,7 @@ cdef int _threads(n_threads) except -1:
         raise TypeError(f"n_threads must be a positive int or None, got {n_threads!r}")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")
-    return min(int(n_threads), 1024)  # more is oversubscription without end
+    return min(int(n_threads), _max_threads)
 
 
 # ------------------------------------------------------------ instruction sets
@@ -210,6 +225,7 @@ def _build_info():
         "c_flags": FASTCE_BUILD_FLAGS.decode(),
         "max_threads": fce_max_threads(),
         "default_threads": _default_threads,
+        "forked_single_thread": bool(fce_forked_single()),
         "isas_compiled": _isa_names(),
     }
 
@@ -408,9 +424,9 @@ cdef object _fast_loss(logits, target, ignore_index, reduction, label_smoothing,
         return None
     cdef int nt = _default_threads
     if n_threads is not None:
-        if type(n_threads) is not int or n_threads < 1 or n_threads > 1024:
+        if type(n_threads) is not int or n_threads < 1:
             return None
-        nt = n_threads
+        nt = n_threads if n_threads < _max_threads else _max_threads
     if (cnp.PyArray_NDIM(x) != 2 or cnp.PyArray_NDIM(t) != 1 or t.dtype is not _I64
             or type(ignore_index) is not int
             or type(label_smoothing) is not float or label_smoothing != 0.0
