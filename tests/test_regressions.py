@@ -93,3 +93,42 @@ def test_float32_gradient_of_huge_negative_logits(isa):
         _, g = fastce.cross_entropy_with_grad(x, np.array([0]))
         np.testing.assert_allclose(g[0, 1:], 1.0 / C, rtol=1e-6)
         np.testing.assert_allclose(g[0, 0], 1.0 / C - 1.0, rtol=1e-6)
+
+
+# Issue 11h: numpy.ma.MaskedArray inputs had their mask silently dropped; both the
+# kernel's binding and the NumPy twin refuse them, naming the argument.
+@pytest.mark.parametrize("module", ["fastce", "reference"])
+def test_masked_arrays_are_refused(isa, module):
+    import fastce.reference
+    mod = fastce if module == "fastce" else fastce.reference
+    x = np.ma.masked_array(np.zeros((2, 3)), mask=[[0, 1, 0], [0, 0, 0]])
+    t = np.array([0, 1])
+    for call, name in [
+        (lambda: mod.cross_entropy(x, t), "logits"),
+        (lambda: mod.cross_entropy(x.data, np.ma.masked_array(t, [0, 1])), "target"),
+        (lambda: mod.cross_entropy(x.data, t, weight=np.ma.masked_array(np.ones(3))), "weight"),
+        (lambda: mod.cross_entropy_with_grad(x, t), "logits"),
+        (lambda: mod.cross_entropy_with_grad(x.data, t, reduction="none",
+                                             grad_output=np.ma.masked_array(np.ones(2))), "grad_output"),
+        (lambda: mod.log_softmax(x), "logits"),
+        (lambda: mod.logsumexp(x), "logits"),
+    ]:
+        with pytest.raises(TypeError, match=f"{name} is a numpy.ma.MaskedArray"):
+            call()
+
+
+# Issue 11d: with create_graph=True the gradient came back without a graph, so a
+# gradient penalty was silently dropped; now a clear error. Issue 11i: torch.func.vmap
+# failed with "Cannot access data pointer of Tensor that doesn't have storage".
+def test_double_backward_and_vmap_are_refused_clearly(isa):
+    torch = pytest.importorskip("torch")
+    import fastce.torch as ft
+    x = torch.randn(4, 5, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    loss = ft.cross_entropy(x, t)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    (g,) = torch.autograd.grad(ft.cross_entropy(x, t), x)  # plain backward still works
+    assert g.shape == x.shape
+    with pytest.raises(RuntimeError, match="does not support torch.func transforms"):
+        torch.func.vmap(lambda xi: ft.cross_entropy(xi, t[0]))(x.detach())

@@ -10,6 +10,8 @@ import warnings
 
 import numpy as np
 
+from fastce._args import refuse_masked
+
 cimport numpy as cnp
 from libc.stdint cimport int64_t
 from libc.string cimport memset
@@ -711,6 +713,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
         result = _fast_loss(logits, target, ignore_index, reduction, label_smoothing, n_threads)
         if result is not None:
             return result
+    refuse_masked(logits=logits, target=target, weight=weight)
     return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
                           None, None, False, n_threads)
 
@@ -755,6 +758,7 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     array([[-0.17049943,  0.12121649,  0.04928295],
            [ 0.05430187, -0.09876047,  0.04445861]])
     """
+    refuse_masked(logits=logits, target=target, weight=weight, grad_output=grad_output, out=out)
     return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
                           grad_output, out, True, n_threads)
 
@@ -764,6 +768,7 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
 cdef object _lse_op(logits, axis, int op, n_threads):
     cdef fce_job job
     memset(&job, 0, sizeof(job))
+    refuse_masked(logits=logits)
     cdef object x = _as_logits(logits)
     dtype = x.dtype
     cdef int ndim = x.ndim

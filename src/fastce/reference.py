@@ -43,6 +43,7 @@ import operator
 
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_index
+from ._args import refuse_masked
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "log_softmax", "logsumexp"]
 
@@ -55,6 +56,7 @@ _REDUCTIONS = ("none", "mean", "sum")
 
 def _as_logits(logits):
     """Return ``logits`` as an ndarray of dtype float32 or float64 (native byte order)."""
+    refuse_masked(logits=logits)
     x = np.asarray(logits)
     if x.dtype.kind != "f" or x.dtype.itemsize not in (4, 8):
         raise TypeError(
@@ -95,6 +97,7 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing):
     the sample shape), and either class indices (``index``, ``ignored``) or
     probabilities (``prob``), all in float64 / intp.
     """
+    refuse_masked(target=target, weight=weight)
     x = _as_logits(logits)
     dtype = x.dtype
     class_axis = 0 if x.ndim == 1 else 1
@@ -319,6 +322,7 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
     >>> float(loss), grad
     (0.6931471805599453, array([[ 0.5, -0.5]]))
     """
+    refuse_masked(grad_output=grad_output, out=out)
     p = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing)
     dtype = p["dtype"]
     loss_shape = p["sample_shape"] if reduction == "none" else ()

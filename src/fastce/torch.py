@@ -41,7 +41,10 @@ Design (what happens under autograd)
   keeping the logits and calling ``cross_entropy_with_grad(grad_output=...)``
   in backward, would hold just as much memory and run the exp/log pass
   twice.)
-* The backward is once-differentiable (no double backward).  The gradient is
+* The backward is once-differentiable: double backward (``create_graph=True``,
+  e.g. a gradient penalty) raises :class:`RuntimeError` rather than returning a
+  gradient without a graph, and so do ``torch.func`` transforms (``vmap``,
+  ``grad``), whose wrapped tensors have no memory to read. The gradient is
   that of the inputs as they were at forward time.
 
 Policies
@@ -92,10 +95,22 @@ def _to_numpy(t):
     return t.detach().resolve_neg().resolve_conj().numpy()
 
 
+def _is_functorch_wrapped(t):
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return check is not None and check(t)
+
+
 def _validate(input, target, weight):
     if not isinstance(input, torch.Tensor):
         raise TypeError(
             "input must be a torch.Tensor, got %s" % type(input).__name__)
+    for name, t in (("input", input), ("target", target), ("weight", weight)):
+        if isinstance(t, torch.Tensor) and _is_functorch_wrapped(t):
+            raise RuntimeError(
+                "fastce.torch.cross_entropy does not support torch.func transforms "
+                "(vmap, grad, jacrev, ...): %s is a functorch-wrapped tensor, and the "
+                "kernel reads tensor memory directly; use "
+                "torch.nn.functional.cross_entropy inside the transform" % name)
     if not isinstance(target, torch.Tensor):
         raise TypeError(
             "target must be a torch.Tensor, got %s" % type(target).__name__)
@@ -162,8 +177,15 @@ class _CrossEntropyFunction(torch.autograd.Function):
         return _loss_to_tensor(loss, input.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient would come back without a graph, and a
+            # gradient penalty built on it would be silently dropped
+            raise RuntimeError(
+                "fastce.torch.cross_entropy does not support double backward "
+                "(create_graph=True, e.g. for a gradient penalty): its gradient is "
+                "computed in the forward pass and has no graph; use "
+                "torch.nn.functional.cross_entropy for that loss")
         grad, ignored = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
