@@ -157,7 +157,11 @@ int NAME(fce_run)(fce_job *job)
             return FCE_ERR_TARGET;
         }
         cx.gscale = job->grad_output_scalar;
-        if (job->reduction == FCE_REDUCE_MEAN) cx.gscale /= job->weight_total;
+        /* a mean over no weight (every target ignored, or every target's class
+         * weight 0) is NaN, and so is its gradient, as torch's 0/0 makes them (its
+         * smoothing term alone would be x/0 = inf: torch adds it to the NaN) */
+        if (job->reduction == FCE_REDUCE_MEAN)
+            cx.gscale = job->weight_total == 0.0 ? NAN : cx.gscale / job->weight_total;
     }
     if (n_samples == 0) {
         job->loss_reduced = job->reduction == FCE_REDUCE_MEAN ? NAN : 0.0;
@@ -246,7 +250,8 @@ int NAME(fce_run)(fce_job *job)
     double total = 0.0;
     for (int64_t it = 0; it < n_items; it += fn == pt->segment_stats ? cx.nseg : 1)
         total += cx.partials[it];
-    job->loss_reduced = job->reduction == FCE_REDUCE_MEAN ? total / job->weight_total : total;
+    job->loss_reduced = job->reduction != FCE_REDUCE_MEAN ? total
+                        : job->weight_total == 0.0 ? NAN : total / job->weight_total;
 
 done:
     if (cx.partials != stack_partials) free(cx.partials);

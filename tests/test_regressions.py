@@ -132,3 +132,30 @@ def test_double_backward_and_vmap_are_refused_clearly(isa):
     assert g.shape == x.shape
     with pytest.raises(RuntimeError, match="does not support torch.func transforms"):
         torch.func.vmap(lambda xi: ft.cross_entropy(xi, t[0]))(x.detach())
+
+
+# Issue 11f: a mean with label smoothing where every target's class weight is 0 gave
+# inf (fastce and the twin, which shared the kernel's formula), torch NaN: torch
+# reduces the target term (0/0 = NaN) and the smoothing term apart. The twin now
+# follows torch's definition; the kernel returns NaN for a mean over no weight, and
+# a NaN gradient, as torch does.
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_mean_over_zero_weight_is_nan_like_torch(isa, eps):
+    torch = pytest.importorskip("torch")
+    import fastce.reference
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 40))
+    w = np.ones(40)
+    w[7] = 0.0
+    t = np.full(3, 7)
+    xt = torch.tensor(x, requires_grad=True)
+    lt = torch.nn.functional.cross_entropy(xt, torch.tensor(t), weight=torch.tensor(w),
+                                           label_smoothing=eps)
+    lt.backward()
+    assert torch.isnan(lt) and torch.isnan(xt.grad).all()
+    for mod in (fastce, fastce.reference):
+        assert np.isnan(mod.cross_entropy(x, t, weight=w, label_smoothing=eps))
+        loss, g = mod.cross_entropy_with_grad(x, t, weight=w, label_smoothing=eps)
+        assert np.isnan(loss) and np.isnan(g).all()
+        # sum and none are finite: only the mean divides by the weight
+        assert np.isfinite(mod.cross_entropy(x, t, weight=w, label_smoothing=eps, reduction="sum"))

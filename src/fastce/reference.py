@@ -180,33 +180,51 @@ def _log_softmax_last(xs):
 
 
 def _per_sample(p, logp):
-    """Per-sample losses (float64, sample shape) and the "mean" denominator."""
+    """The loss as torch defines it: a list of (coefficient, per-sample term) whose sum is
+    the per-sample loss (float64, sample shape), and the "mean" denominator. Each term is
+    reduced on its own, as torch does: with label smoothing the mean is
+    (1 - eps) sum(w_y nll) / W + eps/C sum(smooth) / W, so W = 0 gives NaN (0/0) and not
+    inf."""
     eps, C, w = p["eps"], p["C"], p["weight"]
     if "prob" in p:
         q = p["prob"]
         if eps > 0:
             q = q * (1.0 - eps) + eps / C
         contrib = logp * q if w is None else logp * q * w
-        return -np.sum(contrib, axis=-1), float(np.prod(p["sample_shape"]))
+        return [(1.0, -np.sum(contrib, axis=-1))], float(np.prod(p["sample_shape"]))
 
     idx, ignored = p["index"], p["ignored"]
     w_t = np.ones(idx.shape) if w is None else w[idx]
     w_t = np.where(ignored, 0.0, w_t)
     nll = -np.take_along_axis(logp, idx[..., None], axis=-1)[..., 0]
     # where, not multiply: an ignored sample is 0 even when its logits are NaN
-    loss = np.where(ignored, 0.0, nll if w is None else w_t * nll)
-    if eps > 0:
-        smooth = -np.sum(logp if w is None else logp * w, axis=-1)
-        smooth = np.where(ignored, 0.0, smooth)
-        loss = (1.0 - eps) * loss + (eps / C) * smooth
-    return loss, np.sum(w_t)
+    nll = np.where(ignored, 0.0, nll if w is None else w_t * nll)
+    if eps == 0:
+        return [(1.0, nll)], np.sum(w_t)
+    smooth = -np.sum(logp if w is None else logp * w, axis=-1)
+    smooth = np.where(ignored, 0.0, smooth)
+    return [(1.0 - eps, nll), (eps / C, smooth)], np.sum(w_t)
 
 
-def _reduce(loss, denominator, reduction):
+def _combine(terms):
+    """The per-sample loss: the sum of the terms."""
+    (c0, t0), *rest = terms
+    loss = c0 * t0 if c0 != 1.0 else t0
+    for c, t in rest:
+        loss = loss + c * t
+    return loss
+
+
+def _reduce(terms, denominator, reduction):
     if reduction == "none":
-        return loss
-    total = np.sum(loss)
-    return total / denominator if reduction == "mean" else total
+        return _combine(terms)
+    if reduction == "sum":
+        return np.sum(_combine(terms))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = 0.0
+        for c, t in terms:
+            value = value + c * (np.sum(t) / np.float64(denominator))
+    return value
 
 
 def _finish(value, dtype, reduction):
@@ -278,8 +296,8 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     """
     p = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing)
     with np.errstate(all="ignore"):
-        loss, denominator = _per_sample(p, _log_softmax_last(p["xs"]))
-        value = _reduce(loss, denominator, reduction)
+        terms, denominator = _per_sample(p, _log_softmax_last(p["xs"]))
+        value = _reduce(terms, denominator, reduction)
     return _finish(value, p["dtype"], reduction)
 
 
@@ -346,10 +364,11 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
 
     with np.errstate(all="ignore"):
         logp = _log_softmax_last(p["xs"])
-        loss, denominator = _per_sample(p, logp)
-        value = _reduce(loss, denominator, reduction)
+        terms, denominator = _per_sample(p, logp)
+        value = _reduce(terms, denominator, reduction)
         grad = _grad_per_sample(p, np.exp(logp))  # d loss[i] / d x[i, :]
-        scale = go / denominator if reduction == "mean" else go
+        # a mean over no weight is NaN (torch's 0/0), and so is its gradient
+        scale = (go / denominator if denominator != 0 else go * np.nan) if reduction == "mean" else go
         grad = grad * (scale[..., None] if reduction == "none" else scale)
         if "ignored" in p:  # after scaling: 0 * (1/0) would be nan
             grad = np.where(p["ignored"][..., None], 0.0, grad)
