@@ -159,3 +159,35 @@ def test_mean_over_zero_weight_is_nan_like_torch(isa, eps):
         assert np.isnan(loss) and np.isnan(g).all()
         # sum and none are finite: only the mean divides by the weight
         assert np.isfinite(mod.cross_entropy(x, t, weight=w, label_smoothing=eps, reduction="sum"))
+
+
+# Issue 11g: big-endian uint64 targets skipped the >= 2^63 check (2**64 - 100 became
+# -100 and was silently ignored), and big-endian float logits were refused with a
+# message that did not mention byte order while big-endian weights and targets were
+# converted. Now every argument in non-native byte order is converted once and gives
+# the native result; an out= buffer must be native and is refused naming byte order.
+@pytest.mark.parametrize("module", ["fastce", "reference"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_native_byte_order_everywhere(isa, module, dtype):
+    import fastce.reference
+    mod = fastce if module == "fastce" else fastce.reference
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 7)).astype(dtype)
+    t = rng.integers(0, 7, 5)
+    w = rng.random(7).astype(dtype) + 0.5
+    swapped = lambda a: a.astype(a.dtype.newbyteorder(">" if a.dtype.byteorder in "=<" else "<"))
+    kw = dict(weight=w, label_smoothing=0.1, reduction="none")
+    ref_loss, ref_grad = mod.cross_entropy_with_grad(x, t, grad_output=np.arange(5.0), **kw)
+    loss, grad = mod.cross_entropy_with_grad(swapped(x), swapped(t.astype(np.uint64)),
+                                             grad_output=swapped(np.arange(5.0)),
+                                             **dict(kw, weight=swapped(w)))
+    np.testing.assert_array_equal(loss, ref_loss)
+    np.testing.assert_array_equal(grad, ref_grad)
+    np.testing.assert_array_equal(mod.log_softmax(swapped(x)), mod.log_softmax(x))
+    p = rng.random((5, 7)).astype(dtype)
+    np.testing.assert_array_equal(mod.cross_entropy(x, swapped(p)), mod.cross_entropy(x, p))
+    big = swapped(np.array([2**64 - 100, 1, 2, 3, 4], dtype=np.uint64))
+    with pytest.raises(IndexError, match="18446744073709551516 is out of bounds"):
+        mod.cross_entropy(x, big)
+    with pytest.raises(TypeError, match="native byte order"):
+        mod.cross_entropy_with_grad(x, t, out=swapped(np.empty_like(x)))

@@ -12,3 +12,12 @@ def refuse_masked(**arrays):
                 f"{name} is a numpy.ma.MaskedArray, which fastce does not support (its mask "
                 f"would be ignored); pass {name}.filled(value) or {name}.compressed(), or mark "
                 "samples to skip with ignore_index")
+
+
+def out_dtype_message(dtype, got):
+    """The error for an ``out`` buffer of the wrong dtype; the gradient is written in the
+    native byte order, so a byte-swapped buffer is named as such."""
+    if got.kind == dtype.kind and got.itemsize == dtype.itemsize and not got.isnative:
+        return (f"out must have the logits' dtype {dtype} in native byte order (the gradient "
+                f"is written natively), got the byte-swapped {got.str}")
+    return f"out must have the logits' dtype {dtype}, got {got}"

@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from fastce._args import refuse_masked
+from fastce._args import out_dtype_message as _out_dtype_message, refuse_masked
 
 cimport numpy as cnp
 from libc.stdint cimport int64_t
@@ -279,7 +279,11 @@ cdef object _as_logits(logits, str name="logits"):
     a = logits if type(logits) is np.ndarray else np.asarray(logits)
     dt = a.dtype
     if dt is not _F32 and dt is not _F64 and dt != _F32 and dt != _F64:
-        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {a.dtype}")
+        if dt.kind == "f" and dt.itemsize in (4, 8) and not dt.isnative:
+            # non-native byte order: one conversion, as for every other argument
+            a = a.astype(dt.newbyteorder("="))
+        else:
+            raise TypeError(f"{name} must be a float32 or float64 array, got dtype {a.dtype}")
     if a.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension (the classes), got a 0-d array")
     return a
@@ -487,6 +491,9 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
 
     cdef object t = target if type(target) is np.ndarray else np.asarray(target)
+    if not t.dtype.isnative:
+        # one conversion to native byte order, before any check reads the values
+        t = t.astype(t.dtype.newbyteorder("="))
     kind = t.dtype.kind
     cdef bint prob = False
     if t.shape == x.shape and kind == "f":
@@ -540,7 +547,7 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
             raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
         o = out
         if o.dtype != dtype:
-            raise TypeError(f"out must have the logits' dtype {dtype}, got {o.dtype}")
+            raise TypeError(_out_dtype_message(dtype, o.dtype))
         if o.shape != x.shape:
             raise ValueError(f"out must have the logits' shape {x.shape}, got {o.shape}")
         if not o.flags.writeable:

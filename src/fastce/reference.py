@@ -43,7 +43,7 @@ import operator
 
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_index
-from ._args import refuse_masked
+from ._args import out_dtype_message, refuse_masked
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "log_softmax", "logsumexp"]
 
@@ -413,7 +413,7 @@ def _check_out(out, logits, grad_output, p):
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     if out.dtype != x.dtype:
-        raise TypeError(f"out must have the logits' dtype {x.dtype}, got {out.dtype}")
+        raise TypeError(out_dtype_message(x.dtype, out.dtype))
     if out.shape != x.shape:
         raise ValueError(f"out must have the logits' shape {x.shape}, got {out.shape}")
     if not out.flags.writeable:
