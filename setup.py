@@ -65,6 +65,16 @@ class BuildExt(build_ext):
             cmd = list(getattr(cc, "compiler_so", ["cc"])[:1])
             if _compiler_accepts(cmd, "-fopenmp"):
                 openmp = ["-fopenmp"]
+        if not openmp:
+            why = ("FASTCE_DISABLE_OPENMP=1" if os.environ.get("FASTCE_DISABLE_OPENMP") == "1"
+                   else "the C compiler cannot build and link an OpenMP program (-fopenmp)")
+            bar = "!" * 78
+            print(f"\n{bar}\nfastce: building WITHOUT OpenMP ({why}):\n"
+                  "every call will run on one thread. Install an OpenMP-capable compiler\n"
+                  f"(GCC, or clang with libomp) and rebuild for multi-threaded kernels.\n{bar}\n",
+                  file=sys.stderr)
+            import warnings
+            warnings.warn(f"fastce built without OpenMP: {why}")
         objects = []
         # the paths: once per (ISA, dtype), each with its ISA's flags
         for isa, flags in VARIANTS.items():

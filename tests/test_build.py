@@ -47,3 +47,37 @@ def test_kernel_compiles_without_warnings(isa, tmp_path, openmp):
                         "-o", str(tmp_path / f"planner_{dtype}.o")], check=True, capture_output=True)
     subprocess.run(["cc", *flags, "-c", os.path.join(CSRC, "fastce_dispatch.c"),
                     "-o", str(tmp_path / "dispatch.o")], check=True, capture_output=True)
+
+
+# The baseline variants must run on any x86-64: no AVX instruction may be in the
+# scalar and SSE2 objects (a stray -mavx, or an intrinsic outside its #if, would put
+# ymm/zmm registers there). Compiled as setup.py compiles them, then disassembled.
+@pytest.mark.skipif(shutil.which("cc") is None or shutil.which("objdump") is None,
+                    reason="no C compiler or objdump")
+@pytest.mark.skipif(not os.path.isdir(CSRC), reason="source tree not available")
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 only")
+def test_baseline_variants_have_no_avx(isa, tmp_path):
+    if isa != fastce.available_isas()[0]:
+        pytest.skip("ISA-independent; compiled once")
+    flags = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno", "-fopenmp"]
+    table = variants()
+    for name in ("scalar", "sse2"):
+        for dtype in ("32", "64"):
+            obj = tmp_path / f"k_{name}_{dtype}.o"
+            subprocess.run(["cc", *flags, *table[name], f"-DFCE_DTYPE={dtype}",
+                            f"-DFCE_ISA={name}", "-I", CSRC, "-c",
+                            os.path.join(CSRC, "fastce_kernel.c"), "-o", str(obj)],
+                           check=True, capture_output=True)
+            asm = subprocess.run(["objdump", "-d", str(obj)], check=True, capture_output=True,
+                                 text=True).stdout
+            assert "ret" in asm  # it disassembled
+            bad = [line for line in asm.splitlines() if "%ymm" in line or "%zmm" in line
+                   or "%k1" in line]
+            assert not bad, f"{name} float{dtype} uses AVX registers: {bad[:3]}"
+    # and the check can fail: the avx2 object does use ymm registers
+    obj = tmp_path / "k_avx2.o"
+    subprocess.run(["cc", *flags, *table["avx2"], "-DFCE_DTYPE=32", "-DFCE_ISA=avx2", "-I", CSRC,
+                    "-c", os.path.join(CSRC, "fastce_kernel.c"), "-o", str(obj)],
+                   check=True, capture_output=True)
+    assert "%ymm" in subprocess.run(["objdump", "-d", str(obj)], check=True,
+                                    capture_output=True, text=True).stdout
