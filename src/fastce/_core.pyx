@@ -271,6 +271,14 @@ def _exp(x):
 
 # ------------------------------------------------------------------ checks
 
+cdef object _MaskedArray = np.ma.MaskedArray
+
+cdef inline bint _any_masked(a, b, c, d, e):
+    # the cheap test before refuse_masked (fastce/_args.py) names the argument
+    return (isinstance(a, _MaskedArray) or isinstance(b, _MaskedArray) or
+            isinstance(c, _MaskedArray) or isinstance(d, _MaskedArray) or
+            isinstance(e, _MaskedArray))
+
 cdef object _F32 = np.dtype(np.float32)
 cdef object _F64 = np.dtype(np.float64)
 cdef object _I64 = np.dtype(np.int64)
@@ -720,7 +728,8 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
         result = _fast_loss(logits, target, ignore_index, reduction, label_smoothing, n_threads)
         if result is not None:
             return result
-    refuse_masked(logits=logits, target=target, weight=weight)
+    if _any_masked(logits, target, weight, None, None):
+        refuse_masked(logits=logits, target=target, weight=weight)
     return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
                           None, None, False, n_threads)
 
@@ -765,7 +774,9 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     array([[-0.17049943,  0.12121649,  0.04928295],
            [ 0.05430187, -0.09876047,  0.04445861]])
     """
-    refuse_masked(logits=logits, target=target, weight=weight, grad_output=grad_output, out=out)
+    if _any_masked(logits, target, weight, grad_output, out):
+        refuse_masked(logits=logits, target=target, weight=weight, grad_output=grad_output,
+                      out=out)
     return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
                           grad_output, out, True, n_threads)
 
@@ -775,7 +786,8 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
 cdef object _lse_op(logits, axis, int op, n_threads):
     cdef fce_job job
     memset(&job, 0, sizeof(job))
-    refuse_masked(logits=logits)
+    if _any_masked(logits, None, None, None, None):
+        refuse_masked(logits=logits)
     cdef object x = _as_logits(logits)
     dtype = x.dtype
     cdef int ndim = x.ndim
