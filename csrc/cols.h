@@ -243,6 +243,11 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
 FCE_INLINE void rows_to_classes(const T *x, int64_t rs, int64_t J, int64_t C, int gathers,
                                 V *cls)
 {
+#ifdef NO_FAST_TRANSPOSE
+    /* no register transpose here: lane-by-lane loads (gather()) are faster, where the
+     * row offsets fit their int32 indices */
+    if ((rs < 0 ? -rs : rs) <= INT32_MAX / L) gathers = 1;
+#endif
     if (gathers) {
         int32_t idx[L];
         for (int64_t i = 0; i < L; i++) idx[i] = (int32_t)((i < J ? i : J - 1) * rs);
@@ -392,21 +397,8 @@ static double rows_small_c(const ctx *cx, int64_t r0, int64_t r1)
 
 
 /* rows [it*per_item, ...) with small C */
-static void item_rows_small_c_loss(const ctx *cx, int64_t it, int tid)
-{
-    (void)tid;
-    int64_t r0, r1;
-    item_range(cx, it, &r0, &r1);
-    cx->partials[it] = rows_small_c_loss(cx, r0, r1);
-}
-
-static void item_rows_small_c(const ctx *cx, int64_t it, int tid)
-{
-    (void)tid;
-    int64_t r0, r1;
-    item_range(cx, it, &r0, &r1);
-    cx->partials[it] = rows_small_c(cx, r0, r1);
-}
+ITEM_OF_ROWS(item_rows_small_c_loss, rows_small_c_loss)
+ITEM_OF_ROWS(item_rows_small_c, rows_small_c)
 
 /* columns layout: positions [j0, j1) of outer index n */
 static void item_cols(const ctx *cx, int64_t it, int tid)

@@ -469,13 +469,17 @@ FCE_INLINE void item_range(const ctx *cx, int64_t it, int64_t *r0, int64_t *r1)
     *r1 = *r0 + cx->per_item < N ? *r0 + cx->per_item : N;
 }
 
-static void item_rows_no_output(const ctx *cx, int64_t it, int tid)
-{
-    (void)tid;
-    int64_t r0, r1;
-    item_range(cx, it, &r0, &r1);
-    cx->partials[it] = rows_no_output(cx, r0, r1);
-}
+/* the work item of a path over rows [r0, r1): its loss sum into the item's partial */
+#define ITEM_OF_ROWS(item, rows_fn)                              \
+    static void item(const ctx *cx, int64_t it, int tid)         \
+    {                                                            \
+        (void)tid;                                               \
+        int64_t r0, r1;                                          \
+        item_range(cx, it, &r0, &r1);                            \
+        cx->partials[it] = rows_fn(cx, r0, r1);                  \
+    }
+
+ITEM_OF_ROWS(item_rows_no_output, rows_no_output)
 
 static void item_rows_with_output(const ctx *cx, int64_t it, int tid)
 {

@@ -229,9 +229,10 @@ static inline void stream_fence(void) {}
  * gathers are slow (AMD Zen: microcoded). AVX-512: log2(L) stages, each swapping
  * the off-diagonal h x h blocks of the row pairs (i, i + h) with two-source
  * permutes (tables below); AVX2: the unpack/shuffle/permute2f128 network. */
-#if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32
-/* stage s (h = 8, 4, 2, 1): row i takes tr_mask[2s], row i + h tr_mask[2s + 1],
- * indices 0..15 from row i and 16..31 from row i + h */
+#if defined(__AVX512F__) && VB == 64
+/* stage s (h = L/2, ..., 1): row i takes tr_mask[2s], row i + h tr_mask[2s + 1],
+ * indices 0..L-1 from row i and L..2L-1 from row i + h */
+#if FCE_DTYPE == 32
 static const int32_t tr_mask[8][16] = {
     {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
     {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
@@ -242,21 +243,8 @@ static const int32_t tr_mask[8][16] = {
     {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
     {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31},
 };
-static inline void transpose_square(V *r)
-{
-#pragma GCC unroll 4
-    for (int s = 0, h = 8; h >= 1; s++, h /= 2) {
-        __m512i mi = _mm512_loadu_si512(tr_mask[2 * s]), mj = _mm512_loadu_si512(tr_mask[2 * s + 1]);
-#pragma GCC unroll 16
-        for (int i = 0; i < 16; i++)
-            if (!(i & h)) {
-                __m512 a = (__m512)r[i], b = (__m512)r[i + h];
-                r[i] = (V)_mm512_permutex2var_ps(a, mi, b);
-                r[i + h] = (V)_mm512_permutex2var_ps(a, mj, b);
-            }
-    }
-}
-#elif defined(__AVX512F__) && VB == 64
+#define TR_PERMX2(a, m, b) (V)_mm512_permutex2var_ps((__m512)(a), (m), (__m512)(b))
+#else
 static const int64_t tr_mask[6][8] = {
     {0, 1, 2, 3, 8, 9, 10, 11},
     {4, 5, 6, 7, 12, 13, 14, 15},
@@ -265,17 +253,19 @@ static const int64_t tr_mask[6][8] = {
     {0, 8, 2, 10, 4, 12, 6, 14},
     {1, 9, 3, 11, 5, 13, 7, 15},
 };
+#define TR_PERMX2(a, m, b) (V)_mm512_permutex2var_pd((__m512d)(a), (m), (__m512d)(b))
+#endif
 static inline void transpose_square(V *r)
 {
-#pragma GCC unroll 3
-    for (int s = 0, h = 4; h >= 1; s++, h /= 2) {
+#pragma GCC unroll 4
+    for (int s = 0, h = (int)L / 2; h >= 1; s++, h /= 2) {
         __m512i mi = _mm512_loadu_si512(tr_mask[2 * s]), mj = _mm512_loadu_si512(tr_mask[2 * s + 1]);
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; i++)
+#pragma GCC unroll 16
+        for (int i = 0; i < (int)L; i++)
             if (!(i & h)) {
-                __m512d a = (__m512d)r[i], b = (__m512d)r[i + h];
-                r[i] = (V)_mm512_permutex2var_pd(a, mi, b);
-                r[i + h] = (V)_mm512_permutex2var_pd(a, mj, b);
+                V a = r[i], b = r[i + h];
+                r[i] = TR_PERMX2(a, mi, b);
+                r[i + h] = TR_PERMX2(a, mj, b);
             }
     }
 }
@@ -311,6 +301,7 @@ static inline void transpose_square(V *r)
     r[3] = (V)_mm256_permute2f128_pd(t1, t3, 0x31);
 }
 #else
+#define NO_FAST_TRANSPOSE 1 /* the lane loop below: slower than lane-by-lane loads */
 static inline void transpose_square(V *r)
 {
     T a[L][L];
