@@ -279,6 +279,43 @@ def test_backward_scaling_retain_graph_and_accumulation():
                                     x)[0])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_backward_result_is_the_callers_to_own(reduction):
+    # Issue #11 e: backward returned the saved gradient itself, so a caller who scaled
+    # it in place changed what a second backward through the retained graph returned
+    # (or made it raise). Each backward's result must be the caller's own.
+    torch.manual_seed(3)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 4, 1, -100, 2, 3])
+    loss = ft.cross_entropy(x, t, reduction=reduction)
+    go = None if reduction != "none" else torch.ones(6, dtype=torch.float64)
+    (g1,) = torch.autograd.grad(loss, x, go, retain_graph=True)
+    first = g1.clone()
+    g1.mul_(1000.0)                                  # the caller's own business
+    (g2,) = torch.autograd.grad(loss, x, go, retain_graph=True)
+    assert torch.equal(g2, first)                    # recomputed bit for bit
+    assert g2.data_ptr() != g1.data_ptr()
+    g2.zero_()
+    (g3,) = torch.autograd.grad(loss, x, go)
+    assert torch.equal(g3, first)
+    ref = torch.autograd.grad(F.cross_entropy(x, t, reduction=reduction), x, go)[0]
+    torch.testing.assert_close(first, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_second_backward_after_in_place_change_of_input_raises():
+    # the recompute sees the inputs as they were at forward time or refuses, like torch
+    torch.manual_seed(4)
+    base = torch.randn(4, 3, requires_grad=True)
+    x = base * 1.0
+    t = torch.tensor([0, 1, 2, 1])
+    loss = ft.cross_entropy(x, t)
+    loss.backward(retain_graph=True)
+    with torch.no_grad():
+        x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_none_non_finite_grad_output_on_ignored_rows():
     # torch gives exactly 0 for ignored rows whatever grad_output is there
     torch.manual_seed(1)

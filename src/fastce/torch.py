@@ -19,15 +19,19 @@ Design (what happens under autograd)
 * Otherwise the gradient is computed *in the forward pass*, fused with the
   loss in one sweep over the logits (:func:`fastce.cross_entropy_with_grad`,
   written straight into a fresh torch-owned buffer through ``out=``), the way
-  GPU cross-entropy kernels do it.  The only thing saved for backward is that
+  GPU cross-entropy kernels do it.  What is kept for backward is that
   gradient (plus, for ``reduction="none"`` with class-index targets, a
-  boolean mask of the ignored samples: N bytes).  The logits themselves are
-  not kept alive.
+  boolean mask of the ignored samples: N bytes) and references to the inputs
+  (no copies), so that a second backward through a retained graph can
+  recompute the gradient (see below).
 * ``reduction="mean"``/``"sum"``: the saved gradient is already
   d(loss)/d(input) (scaled by 1/denominator for ``"mean"``).  Backward
   multiplies it by the scalar ``grad_output``; when ``grad_output`` is exactly
-  1 (the usual ``loss.backward()``) the saved tensor is returned as is, with
-  no extra pass over memory.
+  1 (the usual ``loss.backward()``) the saved buffer itself is handed to the
+  caller, with no extra pass over memory: the node drops its reference, so the
+  caller owns what it receives (scaling it in place harms nothing), and a
+  second backward (``retain_graph=True``) recomputes the gradient from the
+  inputs, bit for bit the same.
 * ``reduction="none"``: ``grad_output`` (one value per sample) is unknown in
   the forward pass.  Each per-sample loss depends only on its own row of
   logits, so the gradient of ``sum(grad_output * loss)`` is row ``i`` of the
@@ -167,13 +171,17 @@ class _CrossEntropyFunction(torch.autograd.Function):
             label_smoothing=label_smoothing, out=grad.numpy())
         ctx.reduction = reduction
         ctx.class_dim = 0 if input.dim() == 1 else 1
+        ctx.options = (ignore_index, reduction, label_smoothing)
+        # The gradient is kept as an attribute, not a saved tensor, so that a backward
+        # may hand it to the caller (see backward); the inputs are saved (no copy) so
+        # that a later backward through a retained graph can recompute it.
+        ctx.grad = grad
+        ctx.save_for_backward(input, target, weight)
+        ctx.ignored = None
         if reduction == "none" and not target.is_floating_point():
             # Mask of ignored samples, shaped like the per-sample loss
             # (compared in NumPy: no overflow for unsigned targets).
-            ctx.save_for_backward(
-                grad, torch.from_numpy(np.asarray(t == ignore_index)))
-        else:
-            ctx.save_for_backward(grad, None)
+            ctx.ignored = torch.from_numpy(np.asarray(t == ignore_index))
         return _loss_to_tensor(loss, input.dtype)
 
     @staticmethod
@@ -186,21 +194,35 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 "(create_graph=True, e.g. for a gradient penalty): its gradient is "
                 "computed in the forward pass and has no graph; use "
                 "torch.nn.functional.cross_entropy for that loss")
-        grad, ignored = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
+        grad = ctx.grad
+        if grad is None:
+            # A second backward through a retained graph, after the first one handed the
+            # gradient over: recompute it from the inputs as they were at forward time
+            # (saved_tensors raises if they were modified in place since).
+            input, target, weight = ctx.saved_tensors
+            ignore_index, reduction, label_smoothing = ctx.options
+            grad = torch.empty(input.shape, dtype=input.dtype)
+            _fastce.cross_entropy_with_grad(
+                _to_numpy(input), _to_numpy(target),
+                weight=None if weight is None else _to_numpy(weight),
+                ignore_index=ignore_index, reduction=reduction,
+                label_smoothing=label_smoothing, out=grad.numpy())
+            ctx.grad = grad
         if ctx.reduction != "none":
-            # Scalar grad_output.  Returning the saved tensor itself is safe:
-            # autograd only steals it for .grad once the graph has released
-            # it (otherwise it copies).
             if grad_output.item() == 1.0:
+                # The usual loss.backward(): hand the buffer itself to the caller, who
+                # owns it from now on (it may scale it in place); this node keeps no
+                # reference and recomputes if it is run again (retain_graph=True).
+                ctx.grad = None
                 g = grad
             else:
                 g = grad * grad_output
         else:
             go = grad_output
-            if ignored is not None:
-                go = go.masked_fill(ignored, 0)
+            if ctx.ignored is not None:
+                go = go.masked_fill(ctx.ignored, 0)
             if ctx.class_dim == 1:
                 go = go.unsqueeze(1)
             g = grad * go
