@@ -10,8 +10,6 @@ import warnings
 
 import numpy as np
 
-from fastce._args import out_dtype_message as _out_dtype_message, refuse_masked
-
 cimport numpy as cnp
 from libc.stdint cimport int64_t
 from libc.string cimport memset
@@ -86,9 +84,10 @@ cdef enum:
     FCE_OP_LOGSUMEXP = 1
     FCE_OP_LOG_SOFTMAX = 2
 
-_REDUCTIONS = {"none": FCE_REDUCE_NONE, "sum": FCE_REDUCE_SUM, "mean": FCE_REDUCE_MEAN}
 _INT64_MAX = 2 ** 63 - 1
 _COLS_MAX_C = 1024  # FCE_COLS_MAX_C in csrc/fastce_internal.h
+
+include "_args.pxi"
 
 
 # ------------------------------------------------------------------ threads
@@ -271,37 +270,6 @@ def _exp(x):
 
 # ------------------------------------------------------------------ checks
 
-cdef object _MaskedArray = np.ma.MaskedArray
-
-cdef inline bint _any_masked(a, b, c, d, e):
-    # the cheap test before refuse_masked (fastce/_args.py) names the argument
-    return (isinstance(a, _MaskedArray) or isinstance(b, _MaskedArray) or
-            isinstance(c, _MaskedArray) or isinstance(d, _MaskedArray) or
-            isinstance(e, _MaskedArray))
-
-cdef object _F32 = np.dtype(np.float32)
-cdef object _F64 = np.dtype(np.float64)
-cdef object _I64 = np.dtype(np.int64)
-
-cdef object _as_logits(logits, str name="logits"):
-    a = logits if type(logits) is np.ndarray else np.asarray(logits)
-    dt = a.dtype
-    if dt is not _F32 and dt is not _F64 and dt != _F32 and dt != _F64:
-        if dt.kind == "f" and dt.itemsize in (4, 8) and not dt.isnative:
-            # non-native byte order: one conversion, as for every other argument
-            a = a.astype(dt.newbyteorder("="))
-        else:
-            raise TypeError(f"{name} must be a float32 or float64 array, got dtype {a.dtype}")
-    if a.ndim == 0:
-        raise ValueError(f"{name} must have at least one dimension (the classes), got a 0-d array")
-    return a
-
-cdef object _real_array(value, str name, dtype):
-    a = np.asarray(value)
-    if a.dtype.kind not in "iuf":
-        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
-    return a.astype(dtype, copy=False)
-
 cdef tuple _layout(object a, int axis, bint allow_copy):
     """View `a` as the kernel's (outer, C, inner).
 
@@ -397,25 +365,6 @@ cdef int _run(fce_job *job, bint f32) except -1:
 
 # ------------------------------------------------------------ cross entropy
 
-cdef bint _extents_overlap(cnp.ndarray a, cnp.ndarray b):
-    """Whether the memory spans of a and b intersect (a cheap, conservative test)."""
-    cdef char *lo[2]
-    cdef char *hi[2]
-    cdef cnp.ndarray arr
-    cdef int i, d
-    for i in range(2):
-        arr = a if i == 0 else b
-        lo[i] = hi[i] = <char *>cnp.PyArray_DATA(arr)
-        if cnp.PyArray_SIZE(arr) == 0:
-            return False
-        for d in range(cnp.PyArray_NDIM(arr)):
-            if cnp.PyArray_STRIDES(arr)[d] < 0:
-                lo[i] += cnp.PyArray_STRIDES(arr)[d] * (cnp.PyArray_DIMS(arr)[d] - 1)
-            else:
-                hi[i] += cnp.PyArray_STRIDES(arr)[d] * (cnp.PyArray_DIMS(arr)[d] - 1)
-        hi[i] += cnp.PyArray_ITEMSIZE(arr)
-    return lo[0] < hi[1] and lo[1] < hi[0]
-
 cdef object _fast_loss(logits, target, ignore_index, reduction, label_smoothing, n_threads):
     """The common call, checked and run with no new array: (N, C) float logits with
     contiguous classes, contiguous int64 targets (N,), no weight, no smoothing,
@@ -467,110 +416,20 @@ cdef object _fast_loss(logits, target, ignore_index, reduction, label_smoothing,
     job.reduction = red
     job.n_threads = nt
     if _run(&job, dt is _F32) == FCE_ERR_TARGET:
-        _raise_bad_target(job.bad_value, job.bad_position, target.shape, dims[1])
+        _raise_bad_target(job.bad_value, job.bad_position, target.shape, dims[1], ignore_index)
     return dt.type(job.loss_reduced)
 
 
-cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
-                           grad_output, out, bint want_grad, n_threads):
+cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads):
     cdef fce_job job
     memset(&job, 0, sizeof(job))
-    cdef object x = _as_logits(logits)
-    dtype = x.dtype
-    cdef bint f32 = dtype == np.float32
-    cdef int ndim = x.ndim
-    cdef int axis = 1 if ndim >= 2 else 0
-    cdef int64_t C = x.shape[axis]
-    if C == 0:
-        raise ValueError("logits must have at least one class (the class axis has length 0)")
-
-    red = _REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
-    if red is None:
-        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if isinstance(label_smoothing, (bool, str, bytes)) or not isinstance(
-            label_smoothing, (int, float, np.integer, np.floating)):
-        raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}")
-    eps = float(label_smoothing)
-    if not (0.0 <= eps <= 1.0):
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not (-_INT64_MAX - 1 <= ignore_index <= _INT64_MAX):
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-
-    cdef object t = target if type(target) is np.ndarray else np.asarray(target)
-    if not t.dtype.isnative:
-        # one conversion to native byte order, before any check reads the values
-        t = t.astype(t.dtype.newbyteorder("="))
-    kind = t.dtype.kind
-    cdef bint prob = False
-    if t.shape == x.shape and kind == "f":
-        prob = True
-    elif kind == "f":
-        raise TypeError(f"class-index targets must be integers, got dtype {t.dtype} with shape "
-                        f"{t.shape} (probability targets must have the logits' shape {x.shape})")
-    elif kind not in "iu":
-        raise TypeError(f"target must be integer class indices or float probabilities, "
-                        f"got dtype {t.dtype}")
-    elif t.shape == x.shape:
-        raise TypeError(f"probability targets (shape {t.shape}, the logits' shape) must be "
-                        f"floating point, got dtype {t.dtype}")
-    if not prob:
-        want = x.shape[:axis] + x.shape[axis + 1:]
-        if t.shape != want:
-            raise ValueError(f"target shape {t.shape} does not match logits shape {x.shape}: "
-                             f"expected class indices of shape {want}")
-    elif ignore_index != -100:
-        raise ValueError("ignore_index is not supported with probability targets "
-                         f"(got ignore_index={ignore_index})")
-
-    cdef object w = None
-    if weight is not None:
-        w = np.ascontiguousarray(_real_array(weight, "weight", dtype))
-        if w.shape != (C,):
-            raise ValueError(f"weight must have shape ({C},) (one per class), got {w.shape}")
-
-    sample_shape = t.shape if not prob else x.shape[:axis] + x.shape[axis + 1:]
-    cdef object go = None
-    cdef double go_scalar = 1.0
-    if want_grad and grad_output is not None:
-        go = _real_array(grad_output, "grad_output", dtype)
-        if red == FCE_REDUCE_NONE:
-            try:
-                go = np.ascontiguousarray(np.broadcast_to(go, sample_shape))
-            except ValueError:
-                raise ValueError(f"grad_output of shape {go.shape} does not match the "
-                                 f"per-sample loss shape {sample_shape}") from None
-        else:
-            if go.size != 1:
-                raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}, "
-                                 f"got shape {go.shape}")
-            go_scalar = float(go.reshape(()))
-            go = None
-
-    cdef bint inplace = False
-    cdef object o = None
-    if want_grad and out is not None:
-        if not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-        o = out
-        if o.dtype != dtype:
-            raise TypeError(_out_dtype_message(dtype, o.dtype))
-        if o.shape != x.shape:
-            raise ValueError(f"out must have the logits' shape {x.shape}, got {o.shape}")
-        if not o.flags.writeable:
-            raise ValueError("out is read-only")
-        inplace = o is x or (cnp.PyArray_DATA(<cnp.ndarray>o) == cnp.PyArray_DATA(<cnp.ndarray>x)
-                             and o.strides == x.strides)
-        if inplace and not (x.flags.c_contiguous and x.flags.aligned):
-            raise ValueError("out=logits (in place) needs C-contiguous logits")
-        for other, name in ((x, "logits"), (t, "target"), (w, "weight"), (go, "grad_output")):
-            if inplace and other is x:
-                continue
-            if (other is not None and _extents_overlap(<cnp.ndarray>o, <cnp.ndarray>other)
-                    and np.shares_memory(o, other)):
-                raise ValueError(f"out overlaps {name}; pass a separate buffer "
-                                 "(or out=logits itself to compute in place)")
+    x, t, w, go, o, dtype = a.x, a.t, a.w, a.go, a.out, a.dtype
+    cdef bint f32 = dtype is _F32 or dtype == _F32
+    cdef int axis = a.axis
+    cdef int64_t C = a.C
+    cdef bint prob = a.prob, inplace = a.inplace
+    ignore_index = a.ignore_index
+    sample_shape = a.sample_shape
 
     # layouts: logits first, the others follow its kind
     lay = _layout(x, axis, True)
@@ -601,7 +460,7 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
                 big &= t != np.uint64(ignore_index)
             if big.any():
                 pos = int(np.flatnonzero(big.ravel())[0])
-                _raise_bad_target(int(t.ravel()[pos]), pos, t.shape, C)
+                _raise_bad_target(int(t.ravel()[pos]), pos, t.shape, C, ignore_index)
         if t.dtype is _I64 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>t):
             tt = t
         else:
@@ -610,14 +469,14 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
         job.prob = NULL
     job.ignore_index = ignore_index
     job.weight = cnp.PyArray_DATA(<cnp.ndarray>w) if w is not None else NULL
-    job.label_smoothing = eps
+    job.label_smoothing = a.eps
     job.op = FCE_OP_LOSS
-    job.reduction = red
+    job.reduction = a.red
     job.n_threads = _threads(n_threads)
     job.lse_out = NULL
 
     cdef object loss_out = None
-    if red == FCE_REDUCE_NONE:
+    if a.red == FCE_REDUCE_NONE:
         loss_out = np.empty(sample_shape, dtype=dtype)
         job.loss_out = cnp.PyArray_DATA(<cnp.ndarray>loss_out)
     else:
@@ -627,7 +486,7 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
     cdef tuple glay
     job.grad = NULL
     job.grad_output = cnp.PyArray_DATA(<cnp.ndarray>go) if go is not None else NULL
-    job.grad_output_scalar = go_scalar
+    job.grad_output_scalar = a.go_scalar
     if want_grad:
         glay = None
         if o is not None:
@@ -647,9 +506,9 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
         _set_grad_geometry(&job, glay)
 
     if _run(&job, f32) == FCE_ERR_TARGET:
-        _raise_bad_target(job.bad_value, job.bad_position, t.shape, C)
+        _raise_bad_target(job.bad_value, job.bad_position, t.shape, C, ignore_index)
 
-    if red == FCE_REDUCE_NONE:
+    if a.red == FCE_REDUCE_NONE:
         loss = loss_out
     else:
         loss = dtype.type(job.loss_reduced)
@@ -660,9 +519,9 @@ cdef object _cross_entropy(logits, target, weight, ignore_index, reduction, labe
         g = gtarget
     return loss, g
 
-cdef _raise_bad_target(value, int64_t pos, shape, int64_t C):
+cdef _raise_bad_target(value, int64_t pos, shape, int64_t C, ignore_index):
     where = tuple(int(i) for i in np.unravel_index(pos, shape)) if len(shape) else ()
-    raise IndexError(f"target {value} is out of bounds for {C} classes (at position {where})")
+    raise bad_target_error(value, where, C, ignore_index)
 
 
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
@@ -728,10 +587,8 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
         result = _fast_loss(logits, target, ignore_index, reduction, label_smoothing, n_threads)
         if result is not None:
             return result
-    if _any_masked(logits, target, weight, None, None):
-        refuse_masked(logits=logits, target=target, weight=weight)
-    return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
-                          None, None, False, n_threads)
+    return _cross_entropy(_normalize_ce(logits, target, weight, ignore_index, reduction,
+                                        label_smoothing, None, None, False), False, n_threads)
 
 
 def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
@@ -774,11 +631,8 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     array([[-0.17049943,  0.12121649,  0.04928295],
            [ 0.05430187, -0.09876047,  0.04445861]])
     """
-    if _any_masked(logits, target, weight, grad_output, out):
-        refuse_masked(logits=logits, target=target, weight=weight, grad_output=grad_output,
-                      out=out)
-    return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
-                          grad_output, out, True, n_threads)
+    return _cross_entropy(_normalize_ce(logits, target, weight, ignore_index, reduction,
+                                        label_smoothing, grad_output, out, True), True, n_threads)
 
 
 # ------------------------------------------------- log-softmax, logsumexp
@@ -786,16 +640,10 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
 cdef object _lse_op(logits, axis, int op, n_threads):
     cdef fce_job job
     memset(&job, 0, sizeof(job))
-    if _any_masked(logits, None, None, None, None):
-        refuse_masked(logits=logits)
-    cdef object x = _as_logits(logits)
+    x, axis = lse_args(logits, axis)
     dtype = x.dtype
     cdef int ndim = x.ndim
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"axis must be an int, got {axis!r}")
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of bounds for an array of dimension {ndim}")
-    cdef int ax = axis % ndim
+    cdef int ax = axis
     cdef int64_t C = x.shape[ax]
     out_shape = x.shape[:ax] + x.shape[ax + 1:]
     if C == 0:

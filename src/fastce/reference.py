@@ -38,129 +38,47 @@ The class axis is 1, or 0 for 1-D logits.  ``n_threads`` is accepted and
 ignored everywhere.
 """
 
-import numbers
-import operator
-
 import numpy as np
-from numpy.lib.array_utils import normalize_axis_index
-from ._args import out_dtype_message, refuse_masked
+
+# The argument checks and conversions are the binding's own (one normaliser, so the
+# two modules cannot disagree on what is accepted or what an error says); everything
+# below them, the maths, is this module's, from the definition.
+from ._core import bad_target_error, cross_entropy_args, lse_args
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "log_softmax", "logsumexp"]
 
-_REDUCTIONS = ("none", "mean", "sum")
 
+def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
+             grad_output=None, out=None, want_grad=False):
+    """The checked arguments (fastce's normaliser), in float64 with the class axis last.
 
-# --------------------------------------------------------------------------
-# Argument normalisation (shared by all four functions)
-# --------------------------------------------------------------------------
-
-def _as_logits(logits):
-    """Return ``logits`` as an ndarray of dtype float32 or float64 (native byte order)."""
-    refuse_masked(logits=logits)
-    x = np.asarray(logits)
-    if x.dtype.kind != "f" or x.dtype.itemsize not in (4, 8):
-        raise TypeError(
-            f"logits must have dtype float32 or float64, got {x.dtype}; "
-            "convert them explicitly (e.g. logits.astype(np.float32))"
-        )
-    if not x.dtype.isnative:
-        x = x.astype(x.dtype.newbyteorder("="))
-    if x.ndim == 0:
-        raise ValueError("logits must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), got a 0-d array")
-    return x
-
-
-def _as_real(name, value, dtype):
-    """Convert ``weight``/``grad_output`` to ``dtype``; only integer and float dtypes are real numbers."""
-    a = np.asarray(value)
-    if a.dtype.kind not in "iuf":
-        raise TypeError(f"{name} must hold real numbers (an integer or float dtype), got dtype {a.dtype}")
-    return a, a.astype(dtype)
-
-
-def _check_options(reduction, label_smoothing):
-    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
-    if not isinstance(label_smoothing, numbers.Real):
-        raise TypeError(f"label_smoothing must be a real number, got {type(label_smoothing).__name__}")
-    eps = float(label_smoothing)
-    if not 0.0 <= eps <= 1.0:  # also rejects nan
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    return eps
-
-
-def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing):
-    """Validate the cross-entropy arguments and bring them into one canonical form.
-
-    Returns a dict with the original arrays (for overlap checks), the logits in
-    float64 with the class axis moved last (shape ``(*S, C)`` where ``S`` is
-    the sample shape), and either class indices (``index``, ``ignored``) or
-    probabilities (``prob``), all in float64 / intp.
+    Returns a dict: the canonical arrays (``x``, ``t``, ``w``), ``dtype``,
+    ``class_axis``, ``C``, ``sample_shape``, the logits as float64 of shape
+    ``(*S, C)`` (``xs``), ``weight`` (float64 or None), ``eps``, ``reduction``,
+    ``go`` (float64 grad_output broadcast to the loss's shape), ``out``; and
+    either class indices (``index``, ``ignored``) or probabilities (``prob``).
     """
-    refuse_masked(target=target, weight=weight)
-    x = _as_logits(logits)
-    dtype = x.dtype
-    class_axis = 0 if x.ndim == 1 else 1
-    C = x.shape[class_axis]
-    sample_shape = x.shape[:class_axis] + x.shape[class_axis + 1:]
-    if isinstance(ignore_index, bool):
-        raise TypeError("ignore_index must be an int, got a bool")
-    ignore_index = operator.index(ignore_index)
-    if not -2**63 <= ignore_index < 2**63:  # torch's ignore_index is an int64
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    eps = _check_options(reduction, label_smoothing)
-
-    t = np.asarray(target)
-    if t.dtype.kind not in "iuf":
-        raise TypeError(
-            f"target must hold class indices (an integer dtype) or class probabilities "
-            f"(a float dtype), got dtype {t.dtype}"
-        )
-    # As torch decides: a target of the logits' shape holds probabilities.
-    if t.shape == x.shape:
-        if t.dtype.kind != "f":
-            raise TypeError(
-                f"a target of the logits' shape {x.shape} holds class probabilities and must "
-                f"have a float dtype, got {t.dtype}; class indices have shape {sample_shape}"
-            )
-        if ignore_index != -100:
-            raise ValueError(f"ignore_index is not supported with probability targets, got ignore_index={ignore_index}")
-    elif t.dtype.kind == "f":
-        raise TypeError(
-            f"a float target holds class probabilities and must have the logits' shape {x.shape}, "
-            f"got shape {t.shape}; class indices need an integer dtype"
-        )
-    elif t.shape != sample_shape:
-        raise ValueError(
-            f"target of class indices must have shape {sample_shape} for logits of shape {x.shape}, "
-            f"got shape {t.shape}"
-        )
-
-    w0 = w = None
-    if weight is not None:
-        w0, w = _as_real("weight", weight, dtype)
-        if w.shape != (C,):
-            raise ValueError(f"weight must have shape ({C},) (one per class), got shape {w.shape}")
-        w = w.astype(np.float64)
-
-    p = dict(x=x, t=t, w=w0, dtype=dtype, class_axis=class_axis, C=C, sample_shape=sample_shape,
-             xs=np.moveaxis(x, class_axis, -1).astype(np.float64), weight=w, eps=eps,
-             reduction=reduction)
-
-    if t.dtype.kind == "f":
-        p["prob"] = np.moveaxis(t.astype(dtype), class_axis, -1).astype(np.float64)
+    a = cross_entropy_args(logits, target, weight, ignore_index, reduction, label_smoothing,
+                           grad_output, out, want_grad)
+    x, t, axis = a.x, a.t, a.axis
+    loss_shape = a.sample_shape if reduction == "none" else ()
+    go = np.ones(loss_shape) if a.go is None else a.go.astype(np.float64)
+    if a.go is None and a.has_go:
+        go = np.full(loss_shape, a.go_scalar)
+    p = dict(x=x, t=t, dtype=a.dtype, class_axis=axis, C=a.C, sample_shape=a.sample_shape,
+             xs=np.moveaxis(x, axis, -1).astype(np.float64),
+             weight=None if a.w is None else a.w.astype(np.float64), eps=a.eps,
+             reduction=reduction, go=go, out=a.out)
+    if a.prob:
+        p["prob"] = np.moveaxis(t.astype(a.dtype), axis, -1).astype(np.float64)
         return p
-
     # Class indices: compare values, never wrapped ones (2**32 + 1 is not 1, a
     # uint64 >= 2**63 is not negative); NumPy compares Python ints exactly.
-    ignored = t == ignore_index
-    bad = ~ignored & ((t < 0) | (t >= C))
+    ignored = t == a.ignore_index
+    bad = ~ignored & ((t < 0) | (t >= a.C))
     if bad.any():
         pos = tuple(int(i) for i in np.unravel_index(np.flatnonzero(bad)[0], t.shape))
-        raise IndexError(
-            f"target {int(t[pos])} is out of bounds for {C} classes (at position {pos}); "
-            f"expected a class index in [0, {C}) or ignore_index={ignore_index}"
-        )
+        raise bad_target_error(int(t[pos]), pos, a.C, a.ignore_index)
     p["ignored"] = ignored
     p["index"] = np.where(ignored, 0, t).astype(np.intp)
     return p
@@ -340,28 +258,9 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
     >>> float(loss), grad
     (0.6931471805599453, array([[ 0.5, -0.5]]))
     """
-    refuse_masked(grad_output=grad_output, out=out)
-    p = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing)
-    dtype = p["dtype"]
-    loss_shape = p["sample_shape"] if reduction == "none" else ()
-    go0 = None
-    if grad_output is None:
-        go = np.ones(loss_shape)
-    else:
-        go0, go = _as_real("grad_output", grad_output, dtype)
-        try:
-            if reduction != "none" and go.size != 1:
-                raise ValueError
-            go = np.broadcast_to(go.reshape(()) if reduction != "none" else go, loss_shape)
-        except ValueError:
-            raise ValueError(
-                f"grad_output must broadcast to shape {loss_shape} (that of the loss for "
-                f"reduction={reduction!r}), got shape {go.shape}"
-            ) from None
-        go = go.astype(np.float64)
-    if out is not None:
-        _check_out(out, logits, go0, p)
-
+    p = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
+                 grad_output, out, want_grad=True)
+    dtype, go, out = p["dtype"], p["go"], p["out"]
     with np.errstate(all="ignore"):
         logp = _log_softmax_last(p["xs"])
         terms, denominator = _per_sample(p, logp)
@@ -408,28 +307,6 @@ def _grad_per_sample(p, prob):
     return grad
 
 
-def _check_out(out, logits, grad_output, p):
-    x = p["x"]
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-    if out.dtype != x.dtype:
-        raise TypeError(out_dtype_message(x.dtype, out.dtype))
-    if out.shape != x.shape:
-        raise ValueError(f"out must have the logits' shape {x.shape}, got {out.shape}")
-    if not out.flags.writeable:
-        raise ValueError("out is read-only; it must be a writable array")
-    # "out is logits": the same object, or a view of exactly the same elements
-    same = out is logits or (out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
-                             and out.strides == x.strides)
-    if same:
-        if not out.flags.c_contiguous:
-            raise ValueError("out=logits computes in place and needs writable, C-contiguous logits")
-        return
-    for name, arr in (("logits", x), ("target", p["t"]), ("weight", p["w"]), ("grad_output", grad_output)):
-        if arr is not None and np.shares_memory(out, arr):
-            raise ValueError(f"out overlaps {name}; pass a separate array (or out=logits to compute in place)")
-
-
 def log_softmax(logits, axis=-1, *, n_threads=None):
     """Logarithm of the softmax along ``axis``: ``x - max - log(sum(exp(x - max)))``.
 
@@ -442,8 +319,7 @@ def log_softmax(logits, axis=-1, *, n_threads=None):
     >>> log_softmax(np.array([0.0, 0.0, np.log(2.0)]))
     array([-1.38629436, -1.38629436, -0.69314718])
     """
-    x = _as_logits(logits)
-    axis = normalize_axis_index(operator.index(axis), x.ndim)
+    x, axis = lse_args(logits, axis)
     with np.errstate(all="ignore"):
         logp = _log_softmax_last(np.moveaxis(x, axis, -1).astype(np.float64))
     return np.ascontiguousarray(np.moveaxis(logp, -1, axis).astype(x.dtype))
@@ -460,8 +336,7 @@ def logsumexp(logits, axis=-1, *, n_threads=None):
     >>> float(logsumexp(np.array([1.0, 1.0])))
     1.6931471805599454
     """
-    x = _as_logits(logits)
-    axis = normalize_axis_index(operator.index(axis), x.ndim)
+    x, axis = lse_args(logits, axis)
     with np.errstate(all="ignore"):
         xs = np.moveaxis(x, axis, -1).astype(np.float64)
         m = np.max(xs, axis=-1, initial=-np.inf)

@@ -1,0 +1,257 @@
+# The one argument normaliser, included into _core.pyx and used by both the binding
+# and the NumPy twin (fastce.reference, through cross_entropy_args / lse_args), so that
+# the two cannot disagree on what is accepted, how it is converted, or what an error
+# says. It checks types, shapes, dtypes, option values, grad_output and out= (with
+# overlaps) and brings every array into one canonical form; it reads no element values
+# (class indices are range-checked by whoever computes: the kernel or the twin, each
+# raising bad_target_error).
+
+cdef object _MaskedArray = np.ma.MaskedArray
+cdef object _F32 = np.dtype(np.float32)
+cdef object _F64 = np.dtype(np.float64)
+cdef object _I64 = np.dtype(np.int64)
+cdef dict _REDUCTION_CODES = {"none": FCE_REDUCE_NONE, "mean": FCE_REDUCE_MEAN,
+                              "sum": FCE_REDUCE_SUM}
+
+
+def refuse_masked(**arrays):
+    """Raise TypeError for a numpy.ma.MaskedArray argument: np.asarray would drop its mask
+    silently (masked logits or targets would count as ordinary values)."""
+    for name, value in arrays.items():
+        if isinstance(value, _MaskedArray):
+            raise TypeError(
+                f"{name} is a numpy.ma.MaskedArray, which fastce does not support (its mask "
+                f"would be ignored); pass {name}.filled(value) or {name}.compressed(), or mark "
+                "samples to skip with ignore_index")
+
+
+cdef inline bint _any_masked(a, b, c, d, e):
+    # the cheap test before refuse_masked names the argument
+    return (isinstance(a, _MaskedArray) or isinstance(b, _MaskedArray) or
+            isinstance(c, _MaskedArray) or isinstance(d, _MaskedArray) or
+            isinstance(e, _MaskedArray))
+
+
+def bad_target_error(value, position, int64_t C, ignore_index):
+    """The IndexError for a class index outside [0, C) that is not ignore_index."""
+    return IndexError(f"target {value} is out of bounds for {C} classes (at position "
+                      f"{position}); expected a class index in [0, {C}) or "
+                      f"ignore_index={ignore_index}")
+
+
+cdef str _out_dtype_message(dtype, got):
+    # the gradient is written in the native byte order: a byte-swapped buffer is named so
+    if got.kind == dtype.kind and got.itemsize == dtype.itemsize and not got.isnative:
+        return (f"out must have the logits' dtype {dtype} in native byte order (the gradient "
+                f"is written natively), got the byte-swapped {got.str}")
+    return f"out must have the logits' dtype {dtype}, got {got}"
+
+
+cdef object _as_logits(logits):
+    """logits as an ndarray of float32/float64 in native byte order, at least 1-D."""
+    a = logits if type(logits) is np.ndarray else np.asarray(logits)
+    dt = a.dtype
+    if dt is not _F32 and dt is not _F64 and dt != _F32 and dt != _F64:
+        if dt.kind == "f" and dt.itemsize in (4, 8) and not dt.isnative:
+            # non-native byte order: one conversion, as for every other argument
+            a = a.astype(dt.newbyteorder("="))
+        else:
+            raise TypeError(f"logits must have dtype float32 or float64, got {dt}; convert "
+                            "them explicitly (e.g. logits.astype(np.float32))")
+    if a.ndim == 0:
+        raise ValueError("logits must have at least one dimension: (C,), (N, C) or "
+                         "(N, C, d1, ...), got a 0-d array")
+    return a
+
+
+cdef object _native(a):
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
+cdef object _real_array(value, str name):
+    """value as an ndarray of an integer or float dtype, native byte order."""
+    a = value if type(value) is np.ndarray else np.asarray(value)
+    if a.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers (an integer or float dtype), "
+                        f"got dtype {a.dtype}")
+    return _native(a)
+
+
+cdef bint _extents_overlap(cnp.ndarray a, cnp.ndarray b):
+    """Whether the address ranges spanned by two arrays intersect (cheap, conservative)."""
+    cdef char *lo[2]
+    cdef char *hi[2]
+    cdef cnp.ndarray arr
+    cdef int i, d
+    for i in range(2):
+        arr = a if i == 0 else b
+        lo[i] = <char *>cnp.PyArray_DATA(arr)
+        hi[i] = lo[i]
+        if cnp.PyArray_SIZE(arr) == 0:
+            return False
+        for d in range(cnp.PyArray_NDIM(arr)):
+            if cnp.PyArray_STRIDES(arr)[d] < 0:
+                lo[i] += cnp.PyArray_STRIDES(arr)[d] * (cnp.PyArray_DIMS(arr)[d] - 1)
+            else:
+                hi[i] += cnp.PyArray_STRIDES(arr)[d] * (cnp.PyArray_DIMS(arr)[d] - 1)
+        hi[i] += cnp.PyArray_ITEMSIZE(arr)
+    return lo[0] < hi[1] and lo[1] < hi[0]
+
+
+cdef class CrossEntropyArgs:
+    """The arguments of a cross-entropy call, checked, in canonical form.
+
+    x: the logits (float32/float64 ndarray, native byte order, any strides);
+    dtype; axis: the class axis (0 for (C,), else 1); C; sample_shape;
+    prob: whether target holds probabilities; t: the target (native byte order:
+    class indices of any integer dtype, shape sample_shape, or probabilities of
+    a float dtype, the logits' shape); w: the weight in the logits' dtype,
+    C-contiguous, or None; eps: label smoothing; reduction and its code;
+    ignore_index (an int in int64's range); go: for reduction "none" the
+    grad_output broadcast to sample_shape in the logits' dtype (C-contiguous),
+    else None; go_scalar: the scalar grad_output of "mean"/"sum" (1 by default);
+    has_go: whether a grad_output was given; out: the checked out= buffer or None;
+    inplace: out is the logits themselves.
+    """
+    cdef readonly object x, dtype, t, w, go, out, ignore_index
+    cdef readonly str reduction
+    cdef readonly tuple sample_shape
+    cdef readonly int axis, red
+    cdef readonly int64_t C
+    cdef readonly bint prob, inplace, has_go
+    cdef readonly double eps, go_scalar
+
+
+cdef CrossEntropyArgs _normalize_ce(logits, target, weight, ignore_index, reduction,
+                                    label_smoothing, grad_output, out, bint want_grad):
+    cdef CrossEntropyArgs a = CrossEntropyArgs.__new__(CrossEntropyArgs)
+    if _any_masked(logits, target, weight, grad_output, out):
+        refuse_masked(logits=logits, target=target, weight=weight, grad_output=grad_output,
+                      out=out)
+    x = _as_logits(logits)
+    a.x = x
+    dtype = a.dtype = x.dtype
+    cdef int axis = 1 if x.ndim >= 2 else 0
+    a.axis = axis
+    a.C = x.shape[axis]
+    if a.C == 0:
+        raise ValueError(f"logits must have at least one class, got shape {x.shape} (the "
+                         f"class axis {axis} has length 0)")
+    a.sample_shape = x.shape[:axis] + x.shape[axis + 1:]
+
+    red = _REDUCTION_CODES.get(reduction) if type(reduction) is str else None
+    if red is None:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+    a.reduction = reduction
+    a.red = red
+    if isinstance(label_smoothing, (bool, np.bool_)) or not isinstance(
+            label_smoothing, (int, float, np.integer, np.floating)):
+        raise TypeError(f"label_smoothing must be a real number in [0, 1], got "
+                        f"{label_smoothing!r} of type {type(label_smoothing).__name__}")
+    a.eps = float(label_smoothing)
+    if not (0.0 <= a.eps <= 1.0):  # also refuses nan
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r} of type "
+                        f"{type(ignore_index).__name__}")
+    ignore_index = int(ignore_index)
+    if not (-_INT64_MAX - 1 <= ignore_index <= _INT64_MAX):  # torch's is an int64
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    a.ignore_index = ignore_index
+
+    t = target if type(target) is np.ndarray else np.asarray(target)
+    kind = t.dtype.kind
+    if kind not in "iuf":
+        raise TypeError(f"target must hold class indices (an integer dtype) or class "
+                        f"probabilities (a float dtype), got dtype {t.dtype}")
+    t = _native(t)  # one conversion to native byte order, before anything reads values
+    # as torch decides: a target of the logits' shape holds probabilities
+    if t.shape == x.shape:
+        if kind != "f":
+            raise TypeError(f"a target of the logits' shape {x.shape} holds class "
+                            f"probabilities and must have a float dtype, got {t.dtype}; "
+                            f"class indices have shape {a.sample_shape}")
+        if ignore_index != -100:
+            raise ValueError(f"ignore_index is not supported with probability targets, got "
+                             f"ignore_index={ignore_index}")
+        a.prob = True
+    elif kind == "f":
+        raise TypeError(f"a float target holds class probabilities and must have the logits' "
+                        f"shape {x.shape}, got shape {t.shape}; class indices need an "
+                        "integer dtype")
+    elif t.shape != a.sample_shape:
+        raise ValueError(f"target of class indices must have shape {a.sample_shape} for "
+                         f"logits of shape {x.shape}, got shape {t.shape}")
+    a.t = t
+
+    w0 = None
+    if weight is not None:
+        w0 = _real_array(weight, "weight")
+        if w0.shape != (a.C,):
+            raise ValueError(f"weight must have shape ({a.C},) (one per class), got shape "
+                             f"{w0.shape}")
+        a.w = np.ascontiguousarray(w0, dtype=dtype)
+
+    a.go_scalar = 1.0
+    a.has_go = want_grad and grad_output is not None
+    go0 = None
+    if a.has_go:
+        go0 = _real_array(grad_output, "grad_output")
+        if red == FCE_REDUCE_NONE:
+            try:
+                a.go = np.ascontiguousarray(np.broadcast_to(go0, a.sample_shape), dtype=dtype)
+            except ValueError:
+                raise ValueError(f"grad_output must broadcast to the per-sample loss shape "
+                                 f"{a.sample_shape}, got shape {go0.shape}") from None
+        else:
+            if go0.size != 1:
+                raise ValueError(f"grad_output must be a scalar (one value) for "
+                                 f"reduction={reduction!r}, got shape {go0.shape}")
+            a.go_scalar = float(dtype.type(go0.reshape(())))
+
+    if want_grad and out is not None:
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+        if out.dtype != dtype:
+            raise TypeError(_out_dtype_message(dtype, out.dtype))
+        if out.shape != x.shape:
+            raise ValueError(f"out must have the logits' shape {x.shape}, got {out.shape}")
+        if not out.flags.writeable:
+            raise ValueError("out is read-only; it must be a writable array")
+        # "out is logits": the same object, or a view of exactly the same elements
+        a.inplace = out is x or (cnp.PyArray_DATA(<cnp.ndarray>out) == cnp.PyArray_DATA(<cnp.ndarray>x)
+                                 and out.strides == x.strides)
+        if a.inplace and not (x.flags.c_contiguous and x.flags.aligned):
+            raise ValueError("out=logits computes in place and needs writable, C-contiguous "
+                             "(aligned) logits")
+        for other, name in ((x, "logits"), (t, "target"), (w0, "weight"), (go0, "grad_output")):
+            if a.inplace and other is x:
+                continue
+            if (other is not None and _extents_overlap(<cnp.ndarray>out, <cnp.ndarray>other)
+                    and np.shares_memory(out, other)):
+                raise ValueError(f"out overlaps {name}; pass a separate array (or out=logits "
+                                 "itself to compute in place)")
+        a.out = out
+    return a
+
+
+def cross_entropy_args(logits, target, weight=None, ignore_index=-100, reduction="mean",
+                       label_smoothing=0.0, grad_output=None, out=None, want_grad=False):
+    """The checked, canonical arguments of a cross-entropy call (a CrossEntropyArgs);
+    raises the call's TypeError/ValueError. Used by fastce.reference."""
+    return _normalize_ce(logits, target, weight, ignore_index, reduction, label_smoothing,
+                         grad_output, out, want_grad)
+
+
+def lse_args(logits, axis):
+    """(logits as a float ndarray, the axis made non-negative) for log_softmax/logsumexp;
+    raises their TypeError/ValueError."""
+    if _any_masked(logits, None, None, None, None):
+        refuse_masked(logits=logits)
+    x = _as_logits(logits)
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {axis!r} of type {type(axis).__name__}")
+    cdef int ndim = x.ndim
+    if not -ndim <= axis < ndim:  # AxisError is a ValueError and an IndexError
+        raise np.exceptions.AxisError(int(axis), ndim)
+    return x, int(axis) % ndim
