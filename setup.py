@@ -11,6 +11,7 @@ OpenMP is used when the compiler supports it (FASTCE_DISABLE_OPENMP=1 turns it o
 """
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -42,32 +43,44 @@ def read_variants(machine):
 VARIANTS = read_variants(platform.machine().lower())
 
 
-def _compiler_accepts(compiler_cmd, flag):
-    """True if the C compiler builds and links a small OpenMP program with `flag`."""
+def _compiler_accepts(compiler_cmd, compile_flags, link_flags):
+    """True if the C compiler builds and links a small OpenMP program with these flags
+    (and the CFLAGS/LDFLAGS of the environment, which may say where libomp lies)."""
     code = "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n"
+    env_flags = shlex.split(os.environ.get("CFLAGS", "")) + shlex.split(os.environ.get("LDFLAGS", ""))
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "t.c")
         with open(src, "w") as f:
             f.write(code)
         try:
-            r = subprocess.run(compiler_cmd + [flag, src, "-o", os.path.join(tmp, "t")],
-                               capture_output=True)
+            r = subprocess.run(compiler_cmd + env_flags + compile_flags + [src, "-o",
+                               os.path.join(tmp, "t")] + link_flags, capture_output=True)
         except OSError:
             return False
         return r.returncode == 0
 
 
+# (compile flags, link flags) to try, in order: GCC and LLVM clang take -fopenmp; Apple's
+# clang needs -Xpreprocessor -fopenmp and libomp (Homebrew's: CFLAGS=-I.../include,
+# LDFLAGS=-L.../lib)
+OPENMP_CANDIDATES = [(["-fopenmp"], ["-fopenmp"])] + (
+    [(["-Xpreprocessor", "-fopenmp"], ["-lomp"])] if sys.platform == "darwin" else [])
+
+
 class BuildExt(build_ext):
     def build_extension(self, ext):
         cc = self.compiler
-        openmp = []
+        openmp, openmp_link = [], []
         if os.environ.get("FASTCE_DISABLE_OPENMP") != "1" and sys.platform != "win32":
             cmd = list(getattr(cc, "compiler_so", ["cc"])[:1])
-            if _compiler_accepts(cmd, "-fopenmp"):
-                openmp = ["-fopenmp"]
+            for compile_flags, link_flags in OPENMP_CANDIDATES:
+                if _compiler_accepts(cmd, compile_flags, link_flags):
+                    openmp, openmp_link = compile_flags, link_flags
+                    break
         if not openmp:
             why = ("FASTCE_DISABLE_OPENMP=1" if os.environ.get("FASTCE_DISABLE_OPENMP") == "1"
-                   else "the C compiler cannot build and link an OpenMP program (-fopenmp)")
+                   else "the C compiler cannot build and link an OpenMP program with "
+                   + " or ".join(" ".join(c) for c, _ in OPENMP_CANDIDATES))
             bar = "!" * 78
             print(f"\n{bar}\nfastce: building WITHOUT OpenMP ({why}):\n"
                   "every call will run on one thread. Install an OpenMP-capable compiler\n"
@@ -95,7 +108,7 @@ class BuildExt(build_ext):
             [os.path.join(CSRC, "fastce_dispatch.c")], output_dir=self.build_temp,
             include_dirs=[CSRC], extra_postargs=C_FLAGS + openmp, depends=HEADERS)
         ext.extra_objects = objects
-        ext.extra_link_args = list(ext.extra_link_args or []) + openmp
+        ext.extra_link_args = list(ext.extra_link_args or []) + openmp_link
         ext.define_macros = list(ext.define_macros or []) + [
             ("FASTCE_OPENMP_FLAGS", '"%s"' % " ".join(openmp)),
             ("FASTCE_BUILD_FLAGS", '"%s"' % " ".join(C_FLAGS)),
@@ -106,10 +119,10 @@ class BuildExt(build_ext):
 extensions = [
     Extension(
         "fastce._core",
-        sources=["src/fastce/_core.pyx"],
+        sources=["src/fastce/_core.pyx"],  # which includes src/fastce/_args.pxi
         include_dirs=[CSRC, numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        depends=HEADERS + [os.path.join(CSRC, f) for f in
+        depends=HEADERS + ["src/fastce/_args.pxi"] + [os.path.join(CSRC, f) for f in
                            ("fastce_kernel.c", "fastce_planner.c", "fastce_dispatch.c", "variants.txt")],
     )
 ]

@@ -9,12 +9,21 @@ import gc
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
+
+def have_cxx_compiler() -> bool:
+    """True if a C++ compiler is on PATH (torch.compile's Inductor needs one on the CPU)."""
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx.split()[0]) is not None and os.path.basename(cxx) != "false"
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
 
 # --------------------------------------------------------------------------------------
 # timing

@@ -220,7 +220,9 @@ def load_modules() -> types.SimpleNamespace:
     m.matplotlib = _import("matplotlib")
     m.threadpoolctl = _import("threadpoolctl")
     # torch.compile: configured (and its one-time start-up taken) by setup_torch_compile()
-    m.torch_compile = m.torch if m.torch is not None and hasattr(m.torch, "compile") else None
+    # Inductor's CPU backend compiles C++: without a C++ compiler torch.compile cannot run
+    m.torch_compile = (m.torch if m.torch is not None and hasattr(m.torch, "compile")
+                       and _util.have_cxx_compiler() else None)
     # jax + optax run in worker processes (one per thread count): not imported here, where
     # their backend would start with the wrong thread count
     have_jax = all(importlib.util.find_spec(n) is not None for n in ("jax", "optax"))

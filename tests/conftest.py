@@ -13,3 +13,16 @@ import fastce
 def isa(request):
     with fastce.use_isa(request.param):
         yield request.param
+
+
+def pytest_configure(config):
+    # tools/test.sh runs the suite against the installed wheel: make sure that is what
+    # is imported (not src/ through some path), or the run would test the wrong thing.
+    import os
+    if os.environ.get("FASTCE_TEST_INSTALLED") == "1":
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        where = os.path.abspath(fastce.__file__)
+        if where.startswith(os.path.join(root, "src") + os.sep) or "site-packages" not in where:
+            raise pytest.UsageError(
+                f"FASTCE_TEST_INSTALLED=1 but fastce was imported from {where}, "
+                "not from an installed wheel")
