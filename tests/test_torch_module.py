@@ -476,3 +476,87 @@ def test_import_fastce_does_not_import_torch():
         "assert fastce.torch.torch is torch and hasattr(torch, 'Tensor')\n"
         "print('ok')")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+# ------------------------------------------------------------ inplace_backward
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_inplace_backward_gradient_and_storage(reduction, smoothing):
+    # the gradient reaches the parameters exactly as without the option, and it was
+    # written over the logits' own storage (no logits-sized allocation)
+    torch.manual_seed(5)
+    h = torch.randn(7, 9, dtype=torch.float64)
+    w_cls = torch.rand(6, dtype=torch.float64) + 0.5
+    t = torch.tensor([0, 5, 1, -100, 2, 3, 4])
+    go = (torch.rand(7, dtype=torch.float64) if reduction == "none"
+          else torch.tensor(1.7, dtype=torch.float64))
+    grads = []
+    for inplace in (False, True):
+        W = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6),
+                        requires_grad=True)
+        logits = h @ W
+        ptr = logits.data_ptr()
+        loss = ft.cross_entropy(logits, t, weight=w_cls, reduction=reduction,
+                                label_smoothing=smoothing, inplace_backward=inplace)
+        if inplace:
+            # the logits now hold d loss / d logits (before scaling by grad_output)
+            ref_logits = h @ W.detach()
+            ref = torch.autograd.grad(F.cross_entropy(ref_logits.requires_grad_(), t, weight=w_cls,
+                                                      reduction=reduction, label_smoothing=smoothing),
+                                      ref_logits, torch.ones_like(go))[0]
+            torch.testing.assert_close(logits.detach(), ref, rtol=1e-12, atol=1e-15)
+        loss.backward(go)
+        grads.append(W.grad)
+        if inplace:
+            assert logits.data_ptr() == ptr
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-15)
+
+
+def test_inplace_backward_refusals():
+    t = torch.tensor([0, 1])
+    leaf = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf tensor"):
+        ft.cross_entropy(leaf, t, inplace_backward=True)
+    base = torch.randn(3, 2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="C-contiguous; got strides"):
+        ft.cross_entropy((base * 1.0).t(), t, inplace_backward=True)
+    with pytest.raises(TypeError, match="inplace_backward must be True or False"):
+        ft.cross_entropy(base.t() * 1.0, t, inplace_backward=1)
+    # without a gradient to compute the option changes nothing
+    x = torch.randn(2, 3)
+    before = x.clone()
+    ft.cross_entropy(x, t, inplace_backward=True)
+    assert torch.equal(x, before)
+
+
+def test_inplace_backward_when_another_node_saved_the_logits():
+    # sin saves its input for backward: overwriting the logits must make that
+    # backward refuse (torch's version check), never compute with the gradient
+    W = torch.randn(4, 3, requires_grad=True)
+    logits = torch.randn(2, 4) @ W
+    side = torch.sin(logits).sum()
+    loss = ft.cross_entropy(logits, torch.tensor([0, 2]), inplace_backward=True) + side
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_inplace_backward_twice_is_refused():
+    W = torch.randn(4, 3, requires_grad=True)
+    loss = ft.cross_entropy(torch.randn(2, 4) @ W, torch.tensor([0, 2]), inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        loss.backward()
+
+
+def test_inplace_backward_module():
+    crit = ft.CrossEntropyLoss(inplace_backward=True)
+    assert "inplace_backward=True" in repr(crit)
+    W = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(5, 4, dtype=torch.float64)
+    t = torch.tensor([0, 2, 1, 1, 0])
+    crit(h @ W, t).backward()
+    g = W.grad.clone()
+    W.grad = None
+    F.cross_entropy(h @ W, t).backward()
+    torch.testing.assert_close(g, W.grad, rtol=1e-12, atol=1e-15)

@@ -145,6 +145,19 @@ def _validate(input, target, weight):
                 "torch.nn.functional.cross_entropy if you need that gradient")
 
 
+def _check_inplace(input):
+    if input.is_leaf:
+        raise RuntimeError(
+            "inplace_backward=True would overwrite input with its gradient, but input "
+            "is a leaf tensor (e.g. a parameter or a tensor created with "
+            "requires_grad=True); use inplace_backward=False")
+    if not input.is_contiguous():
+        raise RuntimeError(
+            "inplace_backward=True writes the gradient over input, which must be "
+            "C-contiguous; got strides %s for shape %s (use inplace_backward=False, "
+            "or input.contiguous())" % (tuple(input.stride()), tuple(input.shape)))
+
+
 def _loss_to_tensor(loss, dtype):
     # "mean"/"sum": NumPy scalar -> 0-d tensor; "none": ndarray -> tensor
     # sharing its memory (fastce returns a fresh array).
@@ -160,15 +173,26 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction,
-                label_smoothing):
+                label_smoothing, inplace_backward):
         x = _to_numpy(input)
         t = _to_numpy(target)
         w = None if weight is None else _to_numpy(weight)
-        # Torch-owned, C-contiguous buffer that receives the gradient.
-        grad = torch.empty(input.shape, dtype=input.dtype)
+        if inplace_backward:
+            # the gradient over the logits' own storage (checked by the caller: a
+            # C-contiguous non-leaf); their version is bumped, so any other node that
+            # saved them for its backward refuses to run (torch's in-place check)
+            grad = input.detach()
+            out = x
+        else:
+            # Torch-owned, C-contiguous buffer that receives the gradient.
+            grad = torch.empty(input.shape, dtype=input.dtype)
+            out = grad.numpy()
         loss, _ = _fastce.cross_entropy_with_grad(
             x, t, weight=w, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, out=grad.numpy())
+            label_smoothing=label_smoothing, out=out)
+        if inplace_backward:
+            torch.autograd.graph.increment_version(input)
+        ctx.inplace = inplace_backward
         ctx.reduction = reduction
         ctx.class_dim = 0 if input.dim() == 1 else 1
         ctx.options = (ignore_index, reduction, label_smoothing)
@@ -176,7 +200,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
         # may hand it to the caller (see backward); the inputs are saved (no copy) so
         # that a later backward through a retained graph can recompute it.
         ctx.grad = grad
-        ctx.save_for_backward(input, target, weight)
+        if not inplace_backward:
+            ctx.save_for_backward(input, target, weight)
         ctx.ignored = None
         if reduction == "none" and not target.is_floating_point():
             # Mask of ignored samples, shaped like the per-sample loss
@@ -195,8 +220,14 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 "computed in the forward pass and has no graph; use "
                 "torch.nn.functional.cross_entropy for that loss")
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         grad = ctx.grad
+        if grad is None and ctx.inplace:
+            raise RuntimeError(
+                "fastce.torch.cross_entropy(inplace_backward=True) was backpropagated "
+                "twice: its gradient overwrote the logits and was handed to the first "
+                "backward, so there is nothing to recompute it from; use "
+                "inplace_backward=False with retain_graph=True")
         if grad is None:
             # A second backward through a retained graph, after the first one handed the
             # gradient over: recompute it from the inputs as they were at forward time
@@ -210,6 +241,19 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 ignore_index=ignore_index, reduction=reduction,
                 label_smoothing=label_smoothing, out=grad.numpy())
             ctx.grad = grad
+        if ctx.inplace:
+            # the buffer is the (former) logits: scaled in place and handed over, so the
+            # step allocates nothing of the logits' size
+            ctx.grad = None
+            if ctx.reduction != "none":
+                if grad_output.item() != 1.0:
+                    grad.mul_(grad_output)
+            else:
+                go = grad_output
+                if ctx.ignored is not None:
+                    go = go.masked_fill(ctx.ignored, 0)
+                grad.mul_(go.unsqueeze(1) if ctx.class_dim == 1 else go)
+            return grad, None, None, None, None, None, None
         if ctx.reduction != "none":
             if grad_output.item() == 1.0:
                 # The usual loss.backward(): hand the buffer itself to the caller, who
@@ -226,11 +270,11 @@ class _CrossEntropyFunction(torch.autograd.Function):
             if ctx.class_dim == 1:
                 go = go.unsqueeze(1)
             g = grad * go
-        return g, None, None, None, None, None
+        return g, None, None, None, None, None, None
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100,
-                  reduction="mean", label_smoothing=0.0):
+                  reduction="mean", label_smoothing=0.0, *, inplace_backward=False):
     """Softmax cross-entropy of CPU tensors, like ``torch.nn.functional.cross_entropy``.
 
     Same arguments and result as :func:`torch.nn.functional.cross_entropy`
@@ -243,6 +287,18 @@ def cross_entropy(input, target, weight=None, ignore_index=-100,
     ``input`` only; the gradient is computed in the forward pass, fused with
     the loss (see the module docstring).  CPU tensors only (others raise
     ``RuntimeError``); float16/bfloat16 raise ``TypeError``.
+
+    ``inplace_backward=True`` (the name flash-attention and quack use) writes
+    the gradient over ``input``'s own storage during the forward pass, saving
+    an ``input``-sized allocation per step, for training loops that do not
+    need the logits after the loss. ``input`` must then be a C-contiguous
+    non-leaf tensor (a leaf, e.g. a parameter, raises ``RuntimeError``); after
+    the call it holds the gradient, not the logits. Its version counter is
+    bumped, so a node that saved the logits for its own backward raises
+    torch's "modified by an inplace operation" error rather than computing a
+    wrong gradient; and the graph can be backpropagated once only. Without a
+    gradient to compute (grad mode off, ``input.requires_grad`` false) the
+    option does nothing.
 
     Example
     -------
@@ -259,9 +315,14 @@ def cross_entropy(input, target, weight=None, ignore_index=-100,
     True
     """
     _validate(input, target, weight)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError("inplace_backward must be True or False, got %r" % (inplace_backward,))
     if torch.is_grad_enabled() and input.requires_grad:
+        if inplace_backward:
+            _check_inplace(input)
         return _CrossEntropyFunction.apply(
-            input, target, weight, ignore_index, reduction, label_smoothing)
+            input, target, weight, ignore_index, reduction, label_smoothing,
+            inplace_backward)
     loss = _fastce.cross_entropy(
         _to_numpy(input), _to_numpy(target),
         weight=None if weight is None else _to_numpy(weight),
@@ -275,7 +336,8 @@ class CrossEntropyLoss(torch.nn.Module):
 
     Same constructor as :class:`torch.nn.CrossEntropyLoss`:
     ``CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100,
-    reduce=None, reduction="mean", label_smoothing=0.0)``.  The deprecated
+    reduce=None, reduction="mean", label_smoothing=0.0)``, plus fastce's
+    keyword ``inplace_backward`` (see :func:`cross_entropy`).  The deprecated
     ``size_average``/``reduce`` are turned into ``reduction`` exactly as
     PyTorch does (``torch.nn._reduction.legacy_get_string``, with its
     warning).  ``weight`` is registered as a buffer (so it follows
@@ -291,11 +353,13 @@ class CrossEntropyLoss(torch.nn.Module):
     0.3774
     """
 
-    __constants__ = ["ignore_index", "reduction", "label_smoothing"]
+    __constants__ = ["ignore_index", "reduction", "label_smoothing", "inplace_backward"]
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100,
-                 reduce=None, reduction="mean", label_smoothing=0.0):
+                 reduce=None, reduction="mean", label_smoothing=0.0, *,
+                 inplace_backward=False):
         super().__init__()
+        self.inplace_backward = inplace_backward
         if size_average is not None or reduce is not None:
             from torch.nn import _reduction
             reduction = _reduction.legacy_get_string(size_average, reduce)
@@ -307,8 +371,10 @@ class CrossEntropyLoss(torch.nn.Module):
     def forward(self, input, target):
         return cross_entropy(
             input, target, weight=self.weight, ignore_index=self.ignore_index,
-            reduction=self.reduction, label_smoothing=self.label_smoothing)
+            reduction=self.reduction, label_smoothing=self.label_smoothing,
+            inplace_backward=self.inplace_backward)
 
     def extra_repr(self):
-        return "reduction=%r, ignore_index=%r, label_smoothing=%r" % (
-            self.reduction, self.ignore_index, self.label_smoothing)
+        return "reduction=%r, ignore_index=%r, label_smoothing=%r%s" % (
+            self.reduction, self.ignore_index, self.label_smoothing,
+            ", inplace_backward=True" if self.inplace_backward else "")

@@ -11,12 +11,15 @@ def cross_entropy(
     ignore_index: int = ...,
     reduction: _Reduction = ...,
     label_smoothing: float = ...,
+    *,
+    inplace_backward: bool = ...,
 ) -> Tensor: ...
 
 class CrossEntropyLoss(nn.Module):
     ignore_index: int
     reduction: str
     label_smoothing: float
+    inplace_backward: bool
     weight: Optional[Tensor]
     def __init__(
         self,
@@ -26,5 +29,7 @@ class CrossEntropyLoss(nn.Module):
         reduce: Optional[bool] = ...,
         reduction: _Reduction = ...,
         label_smoothing: float = ...,
+        *,
+        inplace_backward: bool = ...,
     ) -> None: ...
     def forward(self, input: Tensor, target: Tensor) -> Tensor: ...
