@@ -207,7 +207,10 @@ def test_constructor_signature_mirrors_torch():
     def params(cls):
         return [(p.name, p.kind, p.default)
                 for p in inspect.signature(cls.__init__).parameters.values()]
-    assert params(ft.CrossEntropyLoss) == params(torch.nn.CrossEntropyLoss)
+    ours, theirs = params(ft.CrossEntropyLoss), params(torch.nn.CrossEntropyLoss)
+    assert ours[:len(theirs)] == theirs
+    # fastce's own options come after, keyword-only, off by default
+    assert ours[len(theirs):] == [("inplace_backward", inspect.Parameter.KEYWORD_ONLY, False)]
 
 
 @pytest.mark.parametrize("size_average,reduce", [
