@@ -4,6 +4,8 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -152,3 +154,211 @@ print(os.waitstatus_to_exitcode(status), fastce.get_config()["forked_single_thre
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "False"]
+
+
+# ------------------------------------------------------------------ 16 threads at once
+
+def _thread_cases(rng):
+    """(logits, target, options) covering the kernel's paths: small C, rows, rows of
+    several blocks, rows split into segments, K-dim columns, probability targets;
+    with weights, ignored samples, smoothing, each reduction and a grad_output."""
+    cases = []
+    for shape, dtype, kw in [
+        ((2048, 10), np.float32, dict(reduction="mean", label_smoothing=0.1)),
+        ((257, 129), np.float64, dict(reduction="sum")),
+        ((33, 3000), np.float32, dict(reduction="none")),
+        ((4, 9000), np.float64, dict(reduction="mean")),
+        ((2, 140000), np.float32, dict(reduction="mean", label_smoothing=0.1)),  # segments
+        ((6, 17, 5, 3), np.float32, dict(reduction="none", label_smoothing=0.2)),
+    ]:
+        x = (rng.standard_normal(shape) * 3).astype(dtype)
+        C = shape[1]
+        t = rng.integers(0, C, shape[:1] + shape[2:])
+        t.flat[::5] = -100
+        kw = dict(kw, weight=(rng.random(C) + 0.5).astype(dtype))
+        if kw["reduction"] == "none":
+            kw["grad_output"] = rng.standard_normal(t.shape).astype(dtype)
+        cases.append((x, t, kw))
+    p = rng.random((300, 50)) ** 3
+    cases.append(((rng.standard_normal((300, 50)) * 3).astype(np.float32),
+                  (p / p.sum(1, keepdims=True)).astype(np.float32), dict(label_smoothing=0.05)))
+    return cases
+
+
+def _all_results(x, t, kw, n_threads, out=None):
+    """Loss, gradient (also into out=), plain loss and log_softmax of one case."""
+    go = kw.get("grad_output")
+    opts = {k: v for k, v in kw.items() if k != "grad_output"}
+    loss, grad = fastce.cross_entropy_with_grad(x, t, grad_output=go, out=out,
+                                                n_threads=n_threads, **opts)
+    plain = fastce.cross_entropy(x, t, n_threads=n_threads, **opts)
+    lsm = fastce.log_softmax(x, axis=1, n_threads=n_threads)
+    return [np.asarray(loss).tobytes(), np.asarray(grad).tobytes(),
+            np.asarray(plain).tobytes(), lsm.tobytes()]
+
+
+def _run_in_threads(n, target):
+    """Run target(i) in n threads started together; return their results, re-raising
+    the first exception of any thread."""
+    barrier = threading.Barrier(n)
+    results, errors = [None] * n, []
+
+    def body(i):
+        try:
+            barrier.wait(timeout=60)
+            results[i] = target(i)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+        assert not th.is_alive(), "a thread did not finish"
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("sharing", ["shared", "distinct"])
+def test_sixteen_threads_give_the_sequential_bits(isa, sharing):
+    # 16 Python threads call fastce at the same time (the GIL is released around the
+    # kernel, so the calls do overlap), each on every case, with 1 or 2 OpenMP
+    # threads and a gradient buffer of its own through out=: "shared" passes the very
+    # same array objects to every thread, "distinct" gives each thread its own
+    # inputs. Every loss and gradient must have the bits of the sequential call.
+    n = 16
+    rng = np.random.default_rng(16)
+    if sharing == "shared":
+        per_thread = [_thread_cases(rng)] * n
+    else:
+        per_thread = [_thread_cases(rng) for _ in range(n)]
+    expected = [[_all_results(x, t, kw, 1) for x, t, kw in cases] for cases in per_thread]
+    outs = [[np.full(x.shape, np.nan, x.dtype) for x, _, _ in cases] for cases in per_thread]
+
+    def work(i):
+        got = []
+        for rep in range(2):
+            got.append([_all_results(x, t, kw, 1 + (i + rep) % 2,
+                                     out=outs[i][k] if rep else None)
+                        for k, (x, t, kw) in enumerate(per_thread[i])])
+        return got
+
+    for i, got in enumerate(_run_in_threads(n, work)):
+        for rep in got:
+            for k, (g, e) in enumerate(zip(rep, expected[i])):
+                assert g == e, f"thread {i}, case {k}: not the sequential bits"
+
+
+# ------------------------------------------------------------------ the GIL
+
+def _counter_advances_during(call, tries=10):
+    """Whether a Python thread makes progress while `call()` runs in this thread.
+
+    A flag set around the call is not enough: with the default 5 ms switch interval
+    the interpreter hands the GIL to a waiting thread every 5 ms of Python code, so a
+    counter thread also advances between setting the flag and entering C. Here the
+    switch interval is made 30 s, so the GIL changes hands only when its holder
+    releases it. The counter thread releases it in every iteration (time.sleep); this
+    thread holds it from reading the counter before the call to reading it after,
+    except where the call itself releases it. So the counter advances during the call
+    if and only if the call releases the GIL: deterministic, no timing involved (the
+    call only has to outlast one 0.1 ms sleep; it is retried a few times in case the
+    machine is too busy to schedule the counter thread at all)."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)
+    try:
+        for _ in range(tries):
+            count = [0]
+            stop, running = threading.Event(), threading.Event()
+
+            def counter():
+                while not stop.is_set():
+                    count[0] += 1
+                    running.set()
+                    time.sleep(1e-4)   # releases the GIL
+
+            th = threading.Thread(target=counter, daemon=True)
+            th.start()
+            try:
+                assert running.wait(timeout=60)
+                before = count[0]
+                call()
+                after = count[0]
+            finally:
+                stop.set()
+                th.join(timeout=60)
+            if after > before:
+                return True
+        return False
+    finally:
+        sys.setswitchinterval(old)
+
+
+def test_the_check_for_a_released_gil_can_fail():
+    # a pure-Python loop holds the GIL throughout: no progress; a sleep releases it
+    def python_loop():
+        s = 0
+        for i in range(2_000_000):
+            s += i
+    assert not _counter_advances_during(python_loop, tries=1)
+    assert _counter_advances_during(lambda: time.sleep(0.05))
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "cross_entropy_with_grad", "log_softmax",
+                                "logsumexp"])
+def test_gil_is_released_during_the_kernel(isa, fn):
+    # C-contiguous native float32 logits and int64 targets: the binding copies
+    # nothing, so no NumPy operation that releases the GIL runs before the kernel;
+    # ~30 M logits keep the kernel busy for several ms even at one thread.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3000, 10000), dtype=np.float32)
+    t = rng.integers(0, 10000, 3000)
+    calls = {
+        "cross_entropy": lambda: fastce.cross_entropy(x, t, n_threads=1),
+        "cross_entropy_with_grad": lambda: fastce.cross_entropy_with_grad(x, t, n_threads=1),
+        "log_softmax": lambda: fastce.log_softmax(x, n_threads=1),
+        "logsumexp": lambda: fastce.logsumexp(x, n_threads=1),
+    }
+    calls[fn]()   # warm-up (first-touch of the allocator's pages)
+    assert _counter_advances_during(calls[fn]), f"fastce.{fn} holds the GIL"
+
+
+# ------------------------------------------------------------------ fork (multiprocessing)
+
+# The same guarantee as test_fork_after_a_threaded_call_does_not_hang, the way users
+# meet it: a multiprocessing Pool with the 'fork' start method after the parent ran
+# threaded calls. Each worker's loss and gradient have the parent's bits, workers run
+# single-threaded, and the parent keeps its threads. A hang fails by the timeouts.
+def test_fork_pool_after_threaded_calls(isa):
+    code = r"""
+import multiprocessing as mp, numpy as np, fastce
+
+def case(i):
+    rng = np.random.default_rng(i)
+    x = rng.standard_normal((256 + i, 3000)).astype(np.float32 if i % 2 else np.float64)
+    return x, rng.integers(0, 3000, len(x))
+
+def work(i):
+    x, t = case(i)
+    loss, grad = fastce.cross_entropy_with_grad(x, t, label_smoothing=0.1, n_threads=2)
+    return (np.asarray(loss).tobytes(), grad.tobytes(),
+            fastce.get_config()["forked_single_thread"])
+
+if __name__ == "__main__":
+    expected = [work(i) for i in range(6)]          # threaded calls in the parent
+    assert not expected[0][2]
+    with mp.get_context("fork").Pool(2) as pool:
+        got = pool.map_async(work, range(6)).get(timeout=120)
+    for (l, g, single), (el, eg, _) in zip(got, expected):
+        assert single, "a forked worker did not run single-threaded"
+        assert l == el and g == eg, "a forked worker's result differs"
+    assert work(0)[:2] == expected[0][:2] and not fastce.get_config()["forked_single_thread"]
+    print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=240, env=dict(os.environ, FASTCE_ISA=isa))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
