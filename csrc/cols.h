@@ -53,11 +53,19 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
                 if (keep_e) storeu(E + c * G + v * L, e);
                 if (qmode != Q_NONE) {
                     V qv = qc;
+                    VD qd;
                     if (qmode == Q_P || qmode == Q_PW) {
                         qv = loadn(p + c * pcs + v * L, J - v * L, 0) * cx->pa + cx->pb;
-                        if (qmode == Q_PW) qv *= cx->w[c];
+                        qd = widen(qv);
+                        if (qmode == Q_PW) {
+                            qd *= (double)cx->w[c];  /* in double: q w may underflow in T */
+                            qv *= cx->w[c];
+                        }
+                    } else {
+                        qd = widen(qv);
                     }
-                    d[v] += widen(qv * (k[v] - xv));
+                    /* in double: k - x may overflow T (see dterm in rows.h) */
+                    d[v] += qd * (widen(k[v]) - widen(xv));
                     q[v] += qv;
                 }
             }

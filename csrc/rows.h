@@ -39,6 +39,24 @@ FCE_INLINE V qload(int qmode, const T *w, const T *p, int64_t n, T pa, T pb)
     return q;
 }
 
+/* The term q (k - x) of d for one vector, in double lanes: formed in T it overflows
+ * (1e38 - -1e38 > FLT_MAX) or, with probabilities times weights, q underflows to 0 and
+ * 0 * inf gives NaN where the true term is inf. q is widened before the product (for
+ * probabilities with weights, each factor is); the lanes past n are 0. */
+/* (added to *acc: VD may be wider than a register of this ISA, so not returned) */
+FCE_INLINE void dterm_add(VD *acc, int qmode, V q, const T *w, const T *p, int64_t n, T pa,
+                          T pb, V vk, V x)
+{
+    VD qd = widen(q);
+    if (qmode == Q_PW) {
+        V pq = loadn(p, n, 0) * pa + pb;
+        if (n < L)
+            for (int64_t i = n < 0 ? 0 : n; i < L; i++) pq[i] = 0;
+        qd = widen(pq) * widen(loadn(w, n, 0));
+    }
+    *acc += qd * (widen(vk) - widen(x));
+}
+
 /* Pass 1 of a block: the max of n contiguous classes (NaN never wins), read
  * from memory (with pf, a software prefetch PF_BYTES ahead). */
 FCE_INLINE T block_max(const T *x, int64_t n, int pf)
@@ -87,7 +105,8 @@ FCE_INLINE void sum_pair(const T *x, int64_t i, V vk, int qmode, int find_max, c
     if (qmode != Q_NONE) {
         V qa = qload(qmode, w + i, p + i, L, pa, pb);
         V qb = qload(qmode, w + i + L, p + i + L, L, pa, pb);
-        *dd += widen(qa * (vk - xa)) + widen(qb * (vk - xb));
+        dterm_add(dd, qmode, qa, w + i, p + i, L, pa, pb, vk, xa);
+        dterm_add(dd, qmode, qb, w + i + L, p + i + L, L, pa, pb, vk, xb);
         *q0 += qa + qb;
     }
 }
@@ -154,7 +173,7 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, int f
         if (e_out) storen(e_out + i, ea, n - i);
         if (qmode != Q_NONE) {
             V qa = qload(qmode, w + i, p + i, n - i, pa, pb);
-            dd += widen(qa * (vk - loadn(x + i, n - i, k)));
+            dterm_add(&dd, qmode, qa, w + i, p + i, n - i, pa, pb, vk, loadn(x + i, n - i, k));
             qd += widen(qa);
         }
     }

@@ -44,11 +44,11 @@ typedef int64_t VL __attribute__((vector_size(VB / sizeof(T) * sizeof(double))))
 
 /* ---------------------------------------------------------------- vectors */
 
-static inline V splat(T a) { return (V){0} + a; }
-static inline V loadu(const T *p) { V v; memcpy(&v, p, sizeof v); return v; }
-static inline void storeu(T *p, V v) { memcpy(p, &v, sizeof v); }
+FCE_INLINE V splat(T a) { return (V){0} + a; }
+FCE_INLINE V loadu(const T *p) { V v; memcpy(&v, p, sizeof v); return v; }
+FCE_INLINE void storeu(T *p, V v) { memcpy(p, &v, sizeof v); }
 /* the first n (possibly <= 0) lanes from p, the rest `fill` */
-static inline V loadn(const T *p, int64_t n, T fill)
+FCE_INLINE V loadn(const T *p, int64_t n, T fill)
 {
     if (n >= L) return loadu(p);
     if (n <= 0) return splat(fill);
@@ -68,7 +68,7 @@ static inline V loadn(const T *p, int64_t n, T fill)
     return v;
 #endif
 }
-static inline void storen(T *p, V v, int64_t n)
+FCE_INLINE void storen(T *p, V v, int64_t n)
 {
     if (n >= L) { storeu(p, v); return; }
     if (n <= 0) return;
@@ -86,10 +86,10 @@ static inline void storen(T *p, V v, int64_t n)
     for (int64_t i = 0; i < n; i++) p[i] = v[i];
 #endif
 }
-static inline V vselect(VI mask, V a, V b) { return (V)(((VI)a & mask) | ((VI)b & ~mask)); }
+FCE_INLINE V vselect(VI mask, V a, V b) { return (V)(((VI)a & mask) | ((VI)b & ~mask)); }
 
 /* a where y == c, else b (lane-wise): a compare into a mask and a masked move */
-static inline V vselect_eq(VI y, TI c, V a, V b)
+FCE_INLINE V vselect_eq(VI y, TI c, V a, V b)
 {
 #if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32
     return (V)_mm512_mask_mov_ps((__m512)b, _mm512_cmpeq_epi32_mask((__m512i)y, _mm512_set1_epi32(c)),
@@ -109,7 +109,7 @@ static inline V vselect_eq(VI y, TI c, V a, V b)
 }
 
 /* max(a, b) lane-wise; b when a is NaN (so NaN never becomes the max) */
-static inline V vmax(V a, V b)
+FCE_INLINE V vmax(V a, V b)
 {
 #if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32
     return (V)_mm512_max_ps((__m512)a, (__m512)b);
@@ -130,7 +130,7 @@ static inline V vmax(V a, V b)
 
 /* horizontal max and sum as trees over halves (short dependency chains; the
  * order is fixed, so results do not depend on anything but the data) */
-static inline T hmax(V v)
+FCE_INLINE T hmax(V v)
 {
     T a[L];
     memcpy(a, &v, sizeof a);
@@ -177,7 +177,7 @@ typedef double VD2_ __attribute__((vector_size(16)));
 
 /* V of p[idx[i]], i < L: a gather where the ISA has one (a transposition
  * through memory would stall on store forwarding), else lane by lane. */
-static inline V gather(const T *p, const int32_t *idx)
+FCE_INLINE V gather(const T *p, const int32_t *idx)
 {
 #if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32
     return (V)_mm512_i32gather_ps(_mm512_loadu_si512(idx), p, 4);
@@ -199,7 +199,7 @@ static inline V gather(const T *p, const int32_t *idx)
 #if !defined(FCE_ISA_IS_SCALAR) && \
     (defined(__AVX512F__) && VB == 64 || defined(__AVX__) && VB == 32 || defined(__SSE2__) && VB == 16)
 #define HAVE_STREAM 1
-static inline void store_stream(T *p, V v)
+FCE_INLINE void store_stream(T *p, V v)
 {
 #if VB == 64 && FCE_DTYPE == 32
     _mm512_stream_ps(p, (__m512)v);
@@ -218,7 +218,7 @@ static inline void store_stream(T *p, V v)
 static inline void stream_fence(void) { _mm_sfence(); }
 #else
 #define HAVE_STREAM 0
-static inline void store_stream(T *p, V v) { storeu(p, v); }
+FCE_INLINE void store_stream(T *p, V v) { storeu(p, v); }
 static inline void stream_fence(void) {}
 #endif
 
@@ -255,7 +255,7 @@ static const int64_t tr_mask[6][8] = {
 };
 #define TR_PERMX2(a, m, b) (V)_mm512_permutex2var_pd((__m512d)(a), (m), (__m512d)(b))
 #endif
-static inline void transpose_square(V *r)
+FCE_INLINE void transpose_square(V *r)
 {
 #pragma GCC unroll 4
     for (int s = 0, h = (int)L / 2; h >= 1; s++, h /= 2) {
@@ -270,7 +270,7 @@ static inline void transpose_square(V *r)
     }
 }
 #elif defined(__AVX2__) && VB == 32 && FCE_DTYPE == 32
-static inline void transpose_square(V *r)
+FCE_INLINE void transpose_square(V *r)
 {
     __m256 t[8], u[8];
     for (int i = 0; i < 8; i += 2) {
@@ -289,7 +289,7 @@ static inline void transpose_square(V *r)
     }
 }
 #elif defined(__AVX2__) && VB == 32
-static inline void transpose_square(V *r)
+FCE_INLINE void transpose_square(V *r)
 {
     __m256d t0 = _mm256_unpacklo_pd((__m256d)r[0], (__m256d)r[1]);
     __m256d t1 = _mm256_unpackhi_pd((__m256d)r[0], (__m256d)r[1]);
@@ -302,7 +302,7 @@ static inline void transpose_square(V *r)
 }
 #else
 #define NO_FAST_TRANSPOSE 1 /* the lane loop below: slower than lane-by-lane loads */
-static inline void transpose_square(V *r)
+FCE_INLINE void transpose_square(V *r)
 {
     T a[L][L];
     memcpy(a, r, sizeof a);
@@ -316,19 +316,19 @@ static inline void transpose_square(V *r)
  * ISA has no such permute (the exp then uses a longer polynomial instead). */
 #if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32
 #define TAB_N 16
-static inline V tab_lookup(const T *tab, VI idx)
+FCE_INLINE V tab_lookup(const T *tab, VI idx)
 {
     return (V)_mm512_permutexvar_ps((__m512i)idx, _mm512_loadu_ps(tab));
 }
 #elif defined(__AVX512F__) && VB == 64
 #define TAB_N 16
-static inline V tab_lookup(const T *tab, VI idx)
+FCE_INLINE V tab_lookup(const T *tab, VI idx)
 {
     return (V)_mm512_permutex2var_pd(_mm512_loadu_pd(tab), (__m512i)idx, _mm512_loadu_pd(tab + 8));
 }
 #elif defined(__AVX2__) && VB == 32 && FCE_DTYPE == 32
 #define TAB_N 8
-static inline V tab_lookup(const T *tab, VI idx)
+FCE_INLINE V tab_lookup(const T *tab, VI idx)
 {
     return (V)_mm256_permutevar8x32_ps(_mm256_loadu_ps(tab), (__m256i)idx);
 }

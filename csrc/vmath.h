@@ -47,7 +47,7 @@ FCE_INLINE void vlogd(double *inout)
 /* log(s) in float lanes, without a division (the small-C loss path takes one per
  * row): Cephes logf, s = 2^e m with m in [sqrt(1/2), sqrt(2)), a degree-9
  * polynomial in m - 1; about 1 ulp. 0 gives -inf; inf and NaN pass through. */
-static inline V vlogf(V s)
+FCE_INLINE V vlogf(V s)
 {
     VI bits = (VI)s;
     VI e = ((bits >> 23) & 0xff) - 126;
@@ -189,7 +189,7 @@ static const double exp_tab_c[] = {1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24,
 
 #if TAB_N > 0
 #define EXP_MAGIC_TAB (FCE_DTYPE == 32 ? 12582912.0f : 6755399441055744.0) /* 1.5 * 2^mant */
-static inline V vexp(V x)
+FCE_INLINE V vexp(V x)
 {
     V t = x * (T)(TAB_N * EXP_LOG2E) + (T)EXP_MAGIC_TAB;
     V n = t - (T)EXP_MAGIC_TAB;
@@ -205,7 +205,7 @@ static inline V vexp(V x)
     return (V)((VI)y & ~(VI)(x < EXP_X_MIN));
 }
 #else
-static inline V vexp(V x)
+FCE_INLINE V vexp(V x)
 
 {
     V t = x * EXP_LOG2E + EXP_MAGIC;

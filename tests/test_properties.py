@@ -19,11 +19,13 @@ filled buffer, negative strides, transposed, broadcast). fastce must
 * leave every input (and the buffer under a strided view) unchanged, bit for bit.
 
 Three kernel bugs and one bug of the twin that the properties found are pinned below
-by their smallest inputs (xfail strict), and only the one comparison each of them
-breaks is left out of the properties, for exactly the examples that meet it
-(_smoothed_mean_factor_overflows, _known_loss_bug_samples, test_twin_1d_grad_output);
-row spreads beyond FLT_MAX, which meet the second bug without weights, are kept out
-of the drawn values.
+by their smallest inputs: two kernel bugs (float32 loss terms overflowing, q*w
+underflowing to 0 before it met an infinity) and the twin's are fixed and their tests
+are plain regressions; the third kernel bug (a smoothed weighted mean whose factor
+overflows float32) is xfail strict, and only the gradient comparison it breaks is left
+out of the properties, for exactly the examples that meet it
+(_smoothed_mean_factor_overflows). Row spreads beyond FLT_MAX are kept out of the
+drawn values (test_float32_loss_terms_overflow covers them).
 
 Run length: the "ci" profile (chosen when the CI environment variable is set) is
 derandomized, so a CI run is reproducible; the "dev" profile draws new examples
@@ -266,13 +268,9 @@ def _assert_value(actual, truth, dtype, **tol):
 
 
 def _assert_loss(loss, truth, dtype, case):
-    """_assert_value, leaving out only the samples of the two known loss bugs
-    (_known_loss_bug_samples); a reduction over such a sample is not compared."""
-    mask = _known_loss_bug_samples(case)
-    if mask is None:
-        _assert_value(loss, truth, dtype)
-    elif case["kw"]["reduction"] == "none":
-        _assert_value(np.asarray(loss)[~mask], np.asarray(truth)[~mask], dtype)
+    """_assert_value for a loss (every sample compared: the two loss bugs once left out
+    here, float32 terms overflowing and q*w underflowing, are fixed)."""
+    _assert_value(loss, truth, dtype)
 
 
 def _check_type(result, dtype, reduction, sshape):
@@ -343,42 +341,6 @@ def _smoothed_mean_factor_overflows(case, go):
     den = float(w[used].sum())
     g = 1.0 if go is None else abs(float(np.asarray(go).reshape(())))
     return den > 0 and g * kw["label_smoothing"] / case["C"] / den > float(np.finfo(case["dtype"]).max)
-
-
-def _known_loss_bug_samples(case):
-    """The samples (a mask over them, or None) whose loss meets one of two known
-    kernel bugs, each pinned by its smallest input (xfail strict):
-
-    * test_float32_loss_terms_overflow: float32 with label smoothing and class
-      indices: a term w_c * (max - x_c) of the smoothing sum beyond FLT_MAX (e.g.
-      weight 2 on a row holding 1e38 and -1e38) makes the loss inf although the
-      loss, eps / C times that sum, is a float32 number;
-    * test_prob_target_weight_product_underflows: probability targets and weights:
-      a -inf logit whose class has q_c > 0 and w_c > 0 with q_c * w_c below the
-      dtype's smallest subnormal gives NaN (0 * inf) where the truth is +inf.
-
-    Only their loss (and a reduction over them) is left out of the comparison."""
-    kw, x = case["kw"], np.asarray(case["x"])
-    C, cax, dtype = case["C"], case["cax"], case["dtype"]
-    if x.size == 0:
-        return None
-    xl = np.moveaxis(x.astype(np.float64), cax, -1)
-    eps = kw["label_smoothing"]
-    w = (np.ones(C) if kw["weight"] is None
-         else np.asarray(kw["weight"]).astype(dtype).astype(np.float64))
-    hit = np.zeros(xl.shape[:-1], bool)
-    if case["kind"] == "index" and eps > 0 and dtype == np.float32:
-        fin = np.where(np.isfinite(xl), xl, np.nan)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)   # all-nonfinite rows
-            top = np.nanmax(fin, axis=-1, keepdims=True)
-            hit = np.nanmax(w * (top - fin), axis=-1, initial=0.0) > np.finfo(dtype).max
-        hit &= np.asarray(case["t"]) != kw["ignore_index"]
-    if case["kind"] == "prob" and kw["weight"] is not None:
-        q = np.moveaxis(np.asarray(case["t"]).astype(dtype).astype(np.float64), cax, -1)
-        q = (1 - eps) * q + eps / C
-        hit |= ((xl == -np.inf) & (q > 0) & (w > 0) & (q * w < _tiny(dtype))).any(axis=-1)
-    return hit if hit.any() else None
 
 
 def _snapshot(*arrays):
@@ -538,17 +500,14 @@ def test_log_softmax_logsumexp_match_torch_and_twin(isa, case, axis_pick):
 # Found by the properties, pinned by the smallest input
 # --------------------------------------------------------------------------
 
-# float32: the loss sums terms (x_c - shift), w_c * (x_c - shift) or q_c (x_c - shift)
-# that the kernel forms in float32, so a term beyond FLT_MAX = 3.4e38 makes the loss
-# inf although its float64 truth, the terms scaled by eps / C or q_c, is a float32
-# number, and the README promises float32 results within 1e-5 relative of the
-# float64 truth: a row spread beyond FLT_MAX (3e38 and -1e38) with label smoothing or
+# float32 (fixed; once a kernel bug): the loss sums terms (x_c - shift), w_c * (x_c -
+# shift) or q_c (x_c - shift) that the kernel formed in float32, so a term beyond
+# FLT_MAX = 3.4e38 made the loss inf although its float64 truth, the terms scaled by
+# eps / C or q_c, is a float32 number (the terms are now formed in double): a row spread beyond FLT_MAX (3e38 and -1e38) with label smoothing or
 # probability targets; a weight 2 on a row holding 1e38 and -1e38 with label smoothing
 # (a spread of 2e38, in range). torch's own float32 also returns inf; the twin returns
 # the truth; the gradients are right. The properties draw +-1e38 (spreads of 2e38 are
-# right without weights) and leave the weighted case out (_known_loss_bug_samples).
-@pytest.mark.xfail(strict=True, reason="float32 loss terms w_c * (x_c - shift) beyond "
-                                       "FLT_MAX overflow in the kernel: inf instead of a finite loss")
+# right without weights).
 @pytest.mark.parametrize("x,target,kw,truth", [
     ([[3e38, -1e38]], np.array([0]), dict(label_smoothing=0.1), 0.05 * 4e38),
     ([[3e38, -1e38]], np.array([[0.5, 0.5]], np.float32), {}, 0.5 * 4e38),
@@ -595,8 +554,6 @@ def test_smoothed_mean_tiny_weights(isa):
 # subnormal (1e-6 * 1e-40 here): the product is rounded to 0 before it meets the
 # infinity. (Found with subnormal weights; weights >= 1e-38 cannot get there with
 # q_c >= 2**-149 / 1e-38 ~ 1e-7.)
-@pytest.mark.xfail(strict=True, reason="prob targets: q*w rounded to 0 in float32, then "
-                                       "0 * inf = NaN instead of +inf")
 def test_prob_target_weight_product_underflows(isa):
     x = np.array([[-np.inf, 0.0]], np.float32)
     q = np.array([[1e-6, 1 - 1e-6]], np.float32)
@@ -611,8 +568,6 @@ def test_prob_target_weight_product_underflows(isa):
 # The twin (fastce.reference, since 8c8591b): 1-D logits (C,), reduction="none" and a
 # grad_output (0-d, the loss's shape) give a gradient of shape (C, 1) instead of
 # (C,); without grad_output, or with 2-D logits, the shape is right. fastce is right.
-@pytest.mark.xfail(strict=True, reason="fastce.reference: (C,) logits with reduction='none' "
-                                       "and grad_output give a (C, 1) gradient")
 def test_twin_1d_grad_output(isa):
     x = np.array([0.5, 1.0])
     kw = dict(reduction="none", grad_output=np.array(2.0))

@@ -199,7 +199,8 @@ cdef CrossEntropyArgs _normalize_ce(logits, target, weight, ignore_index, reduct
         go0 = _real_array(grad_output, "grad_output")
         if red == FCE_REDUCE_NONE:
             try:
-                a.go = np.ascontiguousarray(np.broadcast_to(go0, a.sample_shape), dtype=dtype)
+                # np.array, not np.ascontiguousarray: that would make a 0-d grad_output 1-d
+                a.go = np.array(np.broadcast_to(go0, a.sample_shape), dtype=dtype, order="C")
             except ValueError:
                 raise ValueError(f"grad_output must broadcast to the per-sample loss shape "
                                  f"{a.sample_shape}, got shape {go0.shape}") from None
