@@ -26,8 +26,9 @@
 # tests/_grad_helpers.py), and no input modified.
 # What it leaves out: the C kernel is not coverage-instrumented (that needs a
 # -fsanitize=fuzzer build of _core; atheris steers by the Python code's branches and
-# the harness's decoder), memory errors that do not crash (run it under the sanitizer
-# build for those), fastce.torch, more than 2**31 elements.
+# the harness's decoder), memory errors and undefined behaviour that do not crash
+# (tools/sanitize.sh runs this harness on its ASan + UBSan build for those: it found
+# the misaligned weight reads), fastce.torch, more than 2**31 elements.
 #
 # Time: FUZZ_SECONDS (default 60) of fuzzing after ~5 s of start-up and the seeds; a
 # watchdog kills it FUZZ_SECONDS + 300 s after the start (a hang the per-input
