@@ -410,3 +410,25 @@ def test_inputs_unchanged_on_success(mod):
         snapshot = [(a, s) for a, s in _snapshot(args, kwargs) if a is not out]
         getattr(mod, _NAMES.get(name, name))(*args, **kwargs)
         _assert_unchanged(snapshot)
+
+
+# n_threads is checked by every function before anything else can return early (the
+# fuzzer found log_softmax of an empty class axis accepting n_threads=1.5)
+@pytest.mark.parametrize("fn", CE_FUNCTIONS + LSE_FUNCTIONS)
+@pytest.mark.parametrize("shape", [(N, C), (N, 0), (0,)], ids=["full", "no_classes", "empty"])
+@pytest.mark.parametrize("n_threads,exc,match", [
+    (1.5, TypeError, r"^n_threads must be a positive int or None, got 1\.5"),
+    (True, TypeError, r"^n_threads must be a positive int or None, got True"),
+    ("2", TypeError, r"^n_threads must be a positive int or None, got '2'"),
+    (0, ValueError, r"^n_threads must be >= 1, got 0"),
+    (-3, ValueError, r"^n_threads must be >= 1, got -3"),
+])
+def test_bad_n_threads(fn, shape, n_threads, exc, match):
+    x = _logits(shape) if shape != (0,) else np.zeros(0)
+    if fn in CE_FUNCTIONS:
+        if shape != (N, C):
+            pytest.skip("cross_entropy refuses these shapes for their own reason")
+        args = (x, _target())
+    else:
+        args = (x,)
+    _raises(getattr(fastce, fn), args, dict(n_threads=n_threads), exc, match)

@@ -641,6 +641,7 @@ cdef object _lse_op(logits, axis, int op, n_threads):
     cdef fce_job job
     memset(&job, 0, sizeof(job))
     x, axis = lse_args(logits, axis)
+    cdef int nt = _threads(n_threads)  # checked before any early return (an empty axis)
     dtype = x.dtype
     cdef int ndim = x.ndim
     cdef int ax = axis
@@ -662,7 +663,7 @@ cdef object _lse_op(logits, axis, int op, n_threads):
     job.grad_output = NULL
     job.lse_out = NULL
     job.grad = NULL
-    job.n_threads = _threads(n_threads)
+    job.n_threads = nt
     cdef object res
     cdef tuple glay
     if op == FCE_OP_LOGSUMEXP:
