@@ -161,6 +161,33 @@ def test_mean_over_zero_weight_is_nan_like_torch(isa, eps):
         assert np.isfinite(mod.cross_entropy(x, t, weight=w, label_smoothing=eps, reduction="sum"))
 
 
+# Found by tools/fuzz.sh: target weights that cancel (w_y summing to exactly 0 over a
+# batch with negative weights) gave NaN; torch divides the target part and the
+# smoothing part by that 0 apart, so the mean is -inf/+inf (or NaN where the two
+# infinities meet). Class weights are dyadic so that the sum is exactly 0.
+@pytest.mark.parametrize("eps", [0.0, 1e-300, 0.1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mean_over_weights_that_cancel_like_torch(isa, eps, dtype):
+    torch = pytest.importorskip("torch")
+    import fastce.reference
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 300)).astype(dtype)
+    w = rng.choice([0.5, 1.0, 2.0, 4.0], 300).astype(dtype)
+    t = np.array([3, 9, 40, 77])
+    w[3], w[9], w[40], w[77] = 1.0, -0.5, 2.0, -2.5
+    truth = torch.nn.functional.cross_entropy(
+        torch.tensor(x, dtype=torch.float64), torch.tensor(t),
+        weight=torch.tensor(w, dtype=torch.float64), label_smoothing=eps).item()
+    assert not np.isfinite(truth)
+    for mod in (fastce, fastce.reference):
+        got = mod.cross_entropy(x, t, weight=w, label_smoothing=eps)
+        assert got.dtype == dtype
+        np.testing.assert_equal(np.float64(got), truth)
+        np.testing.assert_equal(np.float64(mod.cross_entropy_with_grad(x, t, weight=w,
+                                                                       label_smoothing=eps)[0]),
+                                truth)
+
+
 # Issue 11g: big-endian uint64 targets skipped the >= 2^63 check (2**64 - 100 became
 # -100 and was silently ignored), and big-endian float logits were refused with a
 # message that did not mention byte order while big-endian weights and targets were
