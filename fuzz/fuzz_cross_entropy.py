@@ -68,9 +68,10 @@ results whose intermediate terms (x - max, log_p q, log_p q w, over the reductio
 can exceed the dtype's max / 8 (a float32 kernel may overflow to inf, or inf - inf =
 NaN, where the float64 reference stays finite); all values of a call whose weight,
 probability target or grad_output holds NaN or inf (IEEE special propagation through
-sums the two order differently); and, with -inf logits, a label_smoothing whose eps/C
-is below the dtype's normal range (the kernel's eps/C may round to 0: -inf * 0 is
-NaN, the reference's -inf * tiny is -inf). Types, shapes, exceptions and unmodified
+sums the two order differently), or a subnormal weight or grad_output (products
+through it lose bits in an order-dependent way); and, with -inf logits, a
+label_smoothing whose eps/C is below the dtype's normal range (the kernel's eps/C
+may round to 0: -inf * 0 is NaN, the reference's -inf * tiny is -inf). Types, shapes, exceptions and unmodified
 inputs are checked there too, and nothing may crash.
 
 Coverage: atheris instruments the Python code of fastce (the reference, the
@@ -571,6 +572,13 @@ def exempt(magnitude, dtype, nonfinite_options):
         return (~(magnitude < float(np.finfo(dtype).max) / 8)) | bool(nonfinite_options)
 
 
+def _subnormal(a, dtype):
+    if a is None:
+        return False
+    a = np.abs(np.asarray(a, np.float64))
+    return bool(((a > 0) & (a < np.finfo(dtype).smallest_normal)).any())
+
+
 def compare_ce(case, args, kw, fres, rres):
     dtype = np.asarray(rres[0] if case["fn"] == "grad" else rres).dtype
     base, xs, C, u = error_model(case, args, kw, dtype)
@@ -590,7 +598,12 @@ def compare_ce(case, args, kw, fres, rres):
                      (go64 is not None and not np.isfinite(go64).all()) or
                      # eps/C below the dtype's normal range: the kernel's eps/C may be 0
                      # (so -inf * 0 = NaN) where the reference's is not (-inf * tiny)
-                     (0 < eps / C < np.finfo(dtype).smallest_normal and np.isneginf(xs).any()))
+                     (0 < eps / C < np.finfo(dtype).smallest_normal and np.isneginf(xs).any()) or
+                     # a subnormal weight or grad_output: the kernel's products through it
+                     # keep ~(its exponent's distance to the subnormal floor) bits, and
+                     # the order of the products decides which ones (1e-40 in float32:
+                     # 5e-4 relative seen), the reference's float64 ones keep them all
+                     _subnormal(w64, dtype) or _subnormal(go64, dtype))
         L = base / (32 * u) - math.sqrt(C) - 4      # max|x| + log C + 1, per sample
         if prob:
             q = np.moveaxis(t.astype(dtype).astype(np.float64), 0 if x.ndim == 1 else 1, -1)

@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
 """Regenerate fuzz/corpus/: a few dozen small seed inputs for fuzz_cross_entropy.py.
 
-    python fuzz/make_corpus.py [--out fuzz/corpus] [--count 48]
+    python fuzz/make_corpus.py [--out fuzz/corpus] [--count 48] [--clean]
+
+The files it writes are named by their SHA-1 and added to --out; the others there are
+kept (the inputs of past findings, added by hand as regression seeds) unless --clean.
+After a change to the harness's decoder, run it with --clean and add the regression
+inputs back (their bytes would decode to other cases anyway).
 
 Random byte strings (fixed seed, 40..900 bytes) are decoded by the harness's own
 decoder; the inputs kept are those whose cases together show everything any showed
@@ -50,6 +55,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "corpus"))
     ap.add_argument("--count", type=int, default=48)
     ap.add_argument("--tries", type=int, default=4000)
+    ap.add_argument("--clean", action="store_true",
+                    help="remove every file in --out first (also the regression inputs)")
     args = ap.parse_args()
     rnd = random.Random(20251201)
     candidates, failing = [], 0
@@ -75,8 +82,9 @@ def main():
         seen |= f
         kept.append(data)
     os.makedirs(args.out, exist_ok=True)
-    for name in os.listdir(args.out):
-        os.remove(os.path.join(args.out, name))
+    if args.clean:
+        for name in os.listdir(args.out):
+            os.remove(os.path.join(args.out, name))
     for data in kept:
         with open(os.path.join(args.out, hashlib.sha1(data).hexdigest()), "wb") as f:
             f.write(data)
