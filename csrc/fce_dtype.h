@@ -21,10 +21,12 @@
 #if FCE_DTYPE == 32
 typedef float T;
 typedef int32_t TI;
+typedef uint32_t TU;  /* for bit arithmetic that may wrap (defined for unsigned) */
 #define FCE_SFX f32
 #else
 typedef double T;
 typedef int64_t TI;
+typedef uint64_t TU;
 #define FCE_SFX f64
 #endif
 #define NAME(name) FCE_CAT2(name, FCE_SFX)

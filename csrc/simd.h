@@ -36,6 +36,7 @@
 
 typedef T V __attribute__((vector_size(VB)));
 typedef TI VI __attribute__((vector_size(VB)));
+typedef TU VU __attribute__((vector_size(VB)));
 #define L ((int64_t)(VB / sizeof(T)))
 /* L lanes of double: the dot products sum(q (k - x)) are accumulated in double
  * (their terms reach |k - x| ~ 100 for confident rows) */

@@ -196,7 +196,9 @@ FCE_INLINE V vexp(V x)
     V r = x - n * (T)(EXP_LN2_HI / TAB_N);
     r = r - n * (T)(EXP_LN2_LO / TAB_N);
     VI ti = (VI)t;
-    V s = (V)((VI)tab_lookup(exp_tab_hi.f, ti) + (ti << EXP_TAB_SHIFT)); /* 2^i 2^(j/N) */
+    /* 2^i 2^(j/N); unsigned: for x below EXP_X_MIN (masked to 0 below) the exponent
+     * arithmetic wraps, which signed integers may not do */
+    V s = (V)((VU)tab_lookup(exp_tab_hi.f, ti) + ((VU)ti << EXP_TAB_SHIFT));
     V p = splat(exp_tab_c[0]);
     for (size_t i = 1; i < sizeof exp_tab_c / sizeof exp_tab_c[0]; i++) p = p * r + exp_tab_c[i];
     p = p * r + (T)1;
@@ -229,7 +231,7 @@ FCE_INLINE V vexp(V x)
     return (V)_mm512_maskz_scalef_pd(_mm512_cmp_pd_mask((__m512d)x, _mm512_set1_pd(EXP_X_MIN), _CMP_NLT_UQ),
                                      (__m512d)p, (__m512d)n);
 #else
-    V y = p * (V)((VI)t << EXP_MANT);
+    V y = p * (V)((VU)t << EXP_MANT);  /* unsigned: a negative shifted left is undefined */
     return (V)((VI)y & ~(VI)(x < EXP_X_MIN));
 #endif
 }
