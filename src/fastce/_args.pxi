@@ -190,7 +190,7 @@ cdef CrossEntropyArgs _normalize_ce(logits, target, weight, ignore_index, reduct
         if w0.shape != (a.C,):
             raise ValueError(f"weight must have shape ({a.C},) (one per class), got shape "
                              f"{w0.shape}")
-        a.w = np.ascontiguousarray(w0, dtype=dtype)
+        a.w = np.require(w0, dtype=dtype, requirements=["C", "A"])  # the kernel reads it aligned
 
     a.go_scalar = 1.0
     a.has_go = want_grad and grad_output is not None

@@ -393,7 +393,8 @@ cdef object _fast_loss(logits, target, ignore_index, reduction, label_smoothing,
     if (cnp.PyArray_NDIM(x) != 2 or cnp.PyArray_NDIM(t) != 1 or t.dtype is not _I64
             or type(ignore_index) is not int
             or type(label_smoothing) is not float or label_smoothing != 0.0
-            or not cnp.PyArray_ISALIGNED(x) or not cnp.PyArray_IS_C_CONTIGUOUS(t)):
+            or not cnp.PyArray_ISALIGNED(x) or not cnp.PyArray_IS_C_CONTIGUOUS(t)
+            or not cnp.PyArray_ISALIGNED(t)):
         return None
     cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(x)
     cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(x)
@@ -461,7 +462,8 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads):
             if big.any():
                 pos = int(np.flatnonzero(big.ravel())[0])
                 _raise_bad_target(int(t.ravel()[pos]), pos, t.shape, C, ignore_index)
-        if t.dtype is _I64 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>t):
+        if (t.dtype is _I64 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>t)
+                and cnp.PyArray_ISALIGNED(<cnp.ndarray>t)):
             tt = t
         else:
             tt = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
