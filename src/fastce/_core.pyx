@@ -466,7 +466,7 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads):
                 and cnp.PyArray_ISALIGNED(<cnp.ndarray>t)):
             tt = t
         else:
-            tt = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+            tt = np.require(t.reshape(-1), dtype=np.int64, requirements=["C", "A"])  # aligned
         job.target = <const int64_t *>cnp.PyArray_DATA(<cnp.ndarray>tt)
         job.prob = NULL
     job.ignore_index = ignore_index
