@@ -6,12 +6,20 @@
  * variant in use (fastce_dispatch.c), merges long rows' segment states in a
  * fixed order and adds the per-item partial losses in item order, so results
  * are bit-identical for any thread count. No vector code here. */
+#include <float.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include "fce_ctx.h"
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+#if FCE_DTYPE == 32
+#define MAX_EXP_T FLT_MAX_EXP
+#else
+#define MAX_EXP_T DBL_MAX_EXP
 #endif
 
 /* Check the targets of samples [s0, s1): the first bad one is reported
@@ -89,6 +97,66 @@ static void finish_long_row(ctx *cx, int64_t r)
         finish_sample(cx, r, st, log(st->s), smp, cx->x + r * job->outer_stride, 1);
 }
 
+/* A weighted "mean" over target weights summing to a tiny W (below ~1e-38 in
+ * float32, ~1e-300 in float64) has factors past the range: gs = grad_output / W (a
+ * double) and, with smoothing, c2 = gs eps / C (the dtype's); gradient entries would
+ * be inf where every true entry, such a factor times a weight or a softmax, is in
+ * range. The mean, its gradient and the loss are invariant when every class weight is
+ * multiplied by one power of two 2^e (a, q and W scale by 2^e, gs by 2^-e), so the
+ * kernel then reads the weights times 2^e (a copy of C weights, exact unless a weight
+ * overflows, which only one whose true gradient entry overflows does), e just large
+ * enough for the factors to fit. *wden gets W 2^e, the denominator of the scaled loss
+ * sum. Returns 0 if the copy cannot be allocated. */
+static int scale_weights(ctx *cx, double *wden, T **copy)
+{
+    const fce_job *job = cx->job;
+    const double go = job->grad_output_scalar, W = job->weight_total;
+    if (job->reduction != FCE_REDUCE_MEAN || !cx->has_y || !cx->w || W == 0.0 ||
+        !isfinite(W) || go == 0.0 || !isfinite(go))
+        return 1;
+    /* log2 of each |factor| within 2, without forming it (it may overflow) */
+    int e = ilogb(go) - ilogb(W) + 1 - (DBL_MAX_EXP - 8);
+    if (cx->qmode == Q_W) {
+        int e2 = ilogb(go) + ilogb(cx->b) - ilogb(W) + 2 - (MAX_EXP_T - 8);
+        if (e2 > e) e = e2;
+    }
+    if (e <= 0) return 1;
+    T *w = malloc((size_t)cx->C * sizeof(T));
+    if (!w) return 0;
+    for (int64_t c = 0; c < cx->C; c++) w[c] = (T)ldexp((double)cx->w[c], e);
+    *copy = w;
+    cx->w = w;
+    *wden = ldexp(W, e);
+    cx->gscale = go / *wden;
+    return 1;
+}
+
+/* The "mean" of class-index targets whose weights sum to 0 (all ignored, or weights
+ * that cancel), as torch makes it: the target part and the smoothing part are each
+ * divided by that 0, (1 - eps) N / 0 + eps S / 0 in IEEE arithmetic (inf, -inf or
+ * NaN), N and S the two parts' sums; one sum of both over 0 could differ. Rare: two
+ * loss-only "sum" jobs over the inputs, before any gradient is written (the
+ * gradient may overwrite the logits). */
+static int mean_over_no_weight(const fce_job *job, double *mean)
+{
+    fce_job sub = *job;
+    sub.reduction = FCE_REDUCE_SUM;
+    sub.grad = NULL;
+    sub.loss_out = NULL;
+    const double eps = job->label_smoothing, zero = job->weight_total;
+    sub.label_smoothing = 0.0;
+    int st = NAME(fce_run)(&sub);
+    if (st != FCE_OK) return st;
+    *mean = (1.0 - eps) * sub.loss_reduced / zero;
+    if (eps > 0) {
+        sub.label_smoothing = 1.0;
+        st = NAME(fce_run)(&sub);
+        if (st != FCE_OK) return st;
+        *mean += eps * sub.loss_reduced / zero;
+    }
+    return FCE_OK;
+}
+
 int NAME(fce_run)(fce_job *job)
 {
     const paths *pt = NAME(fce_current_paths)();
@@ -157,11 +225,24 @@ int NAME(fce_run)(fce_job *job)
             return FCE_ERR_TARGET;
         }
         cx.gscale = job->grad_output_scalar;
-        /* a mean over no weight (every target ignored, or every target's class
-         * weight 0) is NaN, and so is its gradient, as torch's 0/0 makes them (its
-         * smoothing term alone would be x/0 = inf: torch adds it to the NaN) */
+        /* a mean over no weight (every target ignored, or weights summing to 0):
+         * its gradient is NaN, as torch's division by that 0 makes it; its loss is
+         * mean_over_no_weight's */
         if (job->reduction == FCE_REDUCE_MEAN)
             cx.gscale = job->weight_total == 0.0 ? NAN : cx.gscale / job->weight_total;
+    }
+    /* the mean's denominator as the kernel's weights make it (see scale_weights) */
+    double wden = job->weight_total;
+    T *wscaled = NULL;
+    if (!scale_weights(&cx, &wden, &wscaled)) return FCE_ERR_NOMEM;
+    double no_weight_mean = 0.0;
+    if (cx.has_y && job->reduction == FCE_REDUCE_MEAN && job->weight_total == 0.0 &&
+        n_samples > 0) {
+        int st = mean_over_no_weight(job, &no_weight_mean);
+        if (st != FCE_OK || !cx.want_out) {
+            job->loss_reduced = no_weight_mean;
+            return st;
+        }
     }
     if (n_samples == 0) {
         job->loss_reduced = job->reduction == FCE_REDUCE_MEAN ? NAN : 0.0;
@@ -251,7 +332,8 @@ int NAME(fce_run)(fce_job *job)
     for (int64_t it = 0; it < n_items; it += fn == pt->segment_stats ? cx.nseg : 1)
         total += cx.partials[it];
     job->loss_reduced = job->reduction != FCE_REDUCE_MEAN ? total
-                        : job->weight_total == 0.0 ? NAN : total / job->weight_total;
+                        : job->weight_total == 0.0 ? (cx.has_y ? no_weight_mean : NAN)
+                                                   : total / wden;
 
 done:
     if (cx.partials != stack_partials) free(cx.partials);
@@ -259,6 +341,7 @@ done:
     free(cx.smps);
     free(cx.mass);
     free(cx.scratch);
+    free(wscaled);
     return status;
 }
 

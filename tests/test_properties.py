@@ -323,24 +323,23 @@ def _assert_grad(got, truth, rtol, scale, dtype):
                                atol=rtol * scale + 4 * _tiny(dtype), equal_nan=True)
 
 
-def _smoothed_mean_factor_overflows(case, go):
-    """The known kernel bug of the gradient (pinned, with its smallest input, by
-    test_smoothed_mean_tiny_weights, xfail strict): a weighted "mean" with label
-    smoothing whose factor |grad_output| * (label_smoothing / C) / (sum of the target
-    weights) exceeds the dtype's largest number gives inf/NaN gradient entries, although
-    those entries (the factor times a weight) are in range. Only with weights summing
-    below ~1e-38, i.e. the subnormal float32 weights drawn here. For those examples
-    only the gradient's comparison with torch is left out; every other check runs."""
+def _torch_truth_overflows(case, go):
+    """A float64 weighted "mean" over target weights summing below ~1e-300: torch's
+    float64 autograd forms grad_output / sum(w) and overflows (inf/NaN gradient
+    entries where the true ones are in range); fastce scales the weights by a power of
+    two and is right (test_mean_tiny_weights checks it against torch on the scaled
+    weights, an exact invariance). Only the gradient's comparison with torch is left
+    out there; the twin, torch's twin, is compared with torch as everywhere."""
     kw, t = case["kw"], np.asarray(case["t"])
     if case["kind"] != "index" or kw["weight"] is None or kw["reduction"] != "mean":
         return False
-    if not kw["label_smoothing"]:
+    if np.dtype(case["dtype"]) != np.float64:
         return False
-    w = np.asarray(kw["weight"]).astype(case["dtype"]).astype(np.float64)
+    w = np.asarray(kw["weight"]).astype(np.float64)
     used = t[t != kw["ignore_index"]].astype(np.int64)
-    den = float(w[used].sum())
+    den = abs(float(w[used].sum()))
     g = 1.0 if go is None else abs(float(np.asarray(go).reshape(())))
-    return den > 0 and g * kw["label_smoothing"] / case["C"] / den > float(np.finfo(case["dtype"]).max)
+    return den > 0 and g / den > 2.0 ** 1000
 
 
 def _snapshot(*arrays):
@@ -470,7 +469,7 @@ def test_cross_entropy_with_grad_matches_torch_and_twin(isa, case):
         assert not np.moveaxis(grad, case["cax"], -1)[ign].any()
         assert not np.moveaxis(twin_grad, case["cax"], -1)[ign].any()
     rtol = _grad_rtol(x_values, C, case["cax"], dtype)
-    if not _smoothed_mean_factor_overflows(case, go):   # test_smoothed_mean_tiny_weights
+    if not _torch_truth_overflows(case, go):             # test_mean_tiny_weights
         _assert_grad(grad, tg, rtol, gscale, dtype)
     if not (x.ndim == 1 and reduction == "none" and go is not None):  # test_twin_1d_grad_output
         _assert_grad(twin_grad, tg, rtol, gscale, dtype)
@@ -523,29 +522,40 @@ def test_float32_loss_terms_overflow(isa, x, target, kw, truth):
     _assert_value(fastce.cross_entropy(x, target, **kw), exact, np.float32)
 
 
-# A weighted "mean" with label smoothing whose factor (label_smoothing / C) / (sum of
-# the target weights) is beyond the dtype's range: the gradient has inf/NaN entries
-# where the truth is finite. float32, weights 1e-40 (subnormal): (0.1 / 2) / 1e-40 =
-# 5e38 > FLT_MAX, yet every gradient entry, that factor times a weight 1e-40 (or
-# times the softmax), is +-0.45. 1e-39 works (5e37 is in range). Without smoothing,
-# or with "sum"/"none", the same weights give the right gradient, and so does the
-# twin. The float64 analogue (weights 1e-310) breaks the same way, but torch's
-# float64 truth overflows there too, so only float32 is pinned.
-@pytest.mark.xfail(strict=True, reason="smoothed weighted mean: the factor eps/C/sum(w) "
-                                       "overflows float32 for subnormal weights (grad -inf)")
-def test_smoothed_mean_tiny_weights(isa):
-    x = np.zeros((1, 2), np.float32)
-    t = np.array([0])
-    w = np.array([1e-40, 1e-40], np.float32)
-    kw = dict(weight=w, label_smoothing=0.1)
-    tl, tg = torch_truth(x, t, **kw)               # [[-0.45, 0.45]]
-    np.testing.assert_allclose(tg, [[-0.45, 0.45]], rtol=1e-12)
-    twin_loss, twin_grad = _twin("cross_entropy_with_grad", x, t, **kw)
-    rtol = rtol_for(np.float32, 2, logit_bound(x, 2))
-    _assert_grad(twin_grad, tg, rtol, grad_scale(x, t, w, "mean"), np.float32)
-    loss, grad = fastce.cross_entropy_with_grad(x, t, **kw)
-    _assert_value(loss, tl, np.float32)           # the loss is right
-    _assert_grad(grad, tg, rtol, grad_scale(x, t, w, "mean"), np.float32)
+# A weighted "mean" over target weights summing to a tiny W (subnormal float32
+# weights 1e-40; float64 weights 1e-310): the factors grad_output / W and, with
+# smoothing, (label_smoothing / C) / W are past the range (5e38 > FLT_MAX for float32,
+# 1e310 > DBL_MAX for float64), yet every gradient entry, such a factor times a weight
+# or a softmax, is in range. The kernel gave inf gradient entries there (float32 with
+# smoothing; float64 always); it now scales the weights by a power of two, which
+# leaves the mean and its gradient unchanged. The truth is torch's float64 autograd on
+# the weights times 2**s (exact: the same invariance), and for float32, where torch's
+# float64 does not overflow, on the weights themselves too. Rows, long rows (C past one
+# segment) and K-dim columns.
+@pytest.mark.parametrize("shape", [(1, 2), (3, 70000), (2, 7, 3)])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mean_tiny_weights(isa, shape, eps, dtype):
+    rng = np.random.default_rng(11)
+    C = shape[1]
+    tiny, s = (1e-40, 130) if dtype == np.float32 else (1e-310, 1030)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = (rng.uniform(1.0, 2.0, C) * tiny).astype(dtype)
+    t = rng.integers(0, C, (shape[0],) + shape[2:])
+    w_scaled = w.astype(np.float64) * 2.0 ** (s - 1000) * 2.0 ** 1000
+    assert np.all(np.isfinite(w_scaled)) and np.all(w_scaled.astype(dtype) == w_scaled)
+    kw = dict(label_smoothing=eps)
+    tl, tg = torch_truth(x, t, weight=w_scaled.astype(dtype), **kw)
+    if dtype == np.float32:
+        tl0, tg0 = torch_truth(x, t, weight=w, **kw)
+        np.testing.assert_allclose(tg0, tg, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(tl0, tl, rtol=1e-12)
+    loss, grad = fastce.cross_entropy_with_grad(x, t, weight=w, **kw)
+    assert np.all(np.isfinite(grad))
+    _assert_value(loss, tl, dtype)
+    rtol = rtol_for(dtype, C, logit_bound(x, C))
+    _assert_grad(grad, tg, rtol, grad_scale(x, t, w_scaled, "mean"), dtype)
+    np.testing.assert_array_equal(fastce.cross_entropy(x, t, weight=w, **kw), loss)
 
 
 # Probability targets with weights: a -inf logit (log-probability -inf) whose class

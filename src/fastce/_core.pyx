@@ -514,31 +514,12 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads):
         loss = loss_out
     else:
         loss = dtype.type(job.loss_reduced)
-        if a.red == FCE_REDUCE_MEAN and not prob and job.weight_total == 0.0:
-            loss = dtype.type(_mean_over_no_weight(a, n_threads))
     if not want_grad:
         return loss
     if gtarget is not None:
         np.copyto(gtarget, g)
         g = gtarget
     return loss, g
-
-cdef double _mean_over_no_weight(CrossEntropyArgs a, n_threads):
-    """The "mean" when the targets' weights sum to 0 (all ignored, or weights that cancel):
-    torch divides the target part and the smoothing part by that 0 separately, so the
-    result is (1-eps) N / 0 + eps S / 0 in IEEE arithmetic (inf, -inf or NaN), N and S
-    the two sums; the kernel's one sum would give N + S over 0. Rare: two more passes."""
-    nll = float(_cross_entropy(_normalize_ce(a.x, a.t, a.w, a.ignore_index, "sum", 0.0, None,
-                                             None, False), False, n_threads))
-    zero = np.float64(0.0)
-    with np.errstate(all="ignore"):
-        r = np.float64((1.0 - a.eps) * nll) / zero
-        if a.eps > 0:
-            smooth = float(_cross_entropy(_normalize_ce(a.x, a.t, a.w, a.ignore_index, "sum",
-                                                        1.0, None, None, False), False, n_threads))
-            r = r + np.float64(a.eps * smooth) / zero
-    return r
-
 
 cdef _raise_bad_target(value, int64_t pos, shape, int64_t C, ignore_index):
     where = tuple(int(i) for i in np.unravel_index(pos, shape)) if len(shape) else ()
