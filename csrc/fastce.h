@@ -61,6 +61,8 @@ typedef struct {
 
     const void *weight;        /* (n_classes,) per-class weights of x's dtype, or NULL */
     double label_smoothing;    /* in [0, 1] */
+    double z_loss;             /* >= 0: adds z_loss * w * lse^2 per sample (w: the target's
+                                  class weight, 1 without weights or for probabilities) */
 
     /* outputs */
     void *loss_out;            /* per-sample loss (x's dtype), or NULL */
@@ -73,7 +75,9 @@ typedef struct {
                                   reduction "none", or NULL for ones */
     double grad_output_scalar; /* upstream gradient for "sum"/"mean" */
 
-    void *lse_out;             /* FCE_OP_LOGSUMEXP output (x's dtype), contiguous */
+    void *lse_out;             /* per-sample log-sum-exp (x's dtype), contiguous, or NULL:
+                                  the output of FCE_OP_LOGSUMEXP; with FCE_OP_LOSS, every
+                                  sample's (ignored ones included) when not NULL */
 
     int n_threads;             /* <= 0: let the kernel choose */
 

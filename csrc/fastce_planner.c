@@ -91,7 +91,12 @@ static void finish_long_row(ctx *cx, int64_t r)
     fce_state *st = &cx->states[r * cx->nseg];
     for (int64_t i = 1; i < cx->nseg; i++) fce_state_merge(st, &st[i]);
     cx->partials[r * cx->nseg] = 0.0;
-    if (!sample_target(cx, r, smp)) return;
+    if (!sample_target(cx, r, smp)) {
+        if (job->lse_out)  /* an ignored sample's log-sum-exp is still asked for */
+            ((T *)job->lse_out)[r] =
+                (T)state_lse(cx, st, log(st->s), cx->x + r * job->outer_stride, 1);
+        return;
+    }
     if (cx->has_y) smp->xy = (double)cx->x[r * job->outer_stride + smp->y];
     cx->partials[r * cx->nseg] =
         finish_sample(cx, r, st, log(st->s), smp, cx->x + r * job->outer_stride, 1);
@@ -134,27 +139,48 @@ static int scale_weights(ctx *cx, double *wden, T **copy)
 /* The "mean" of class-index targets whose weights sum to 0 (all ignored, or weights
  * that cancel), as torch makes it: the target part and the smoothing part are each
  * divided by that 0, (1 - eps) N / 0 + eps S / 0 in IEEE arithmetic (inf, -inf or
- * NaN), N and S the two parts' sums; one sum of both over 0 could differ. Rare: two
- * loss-only "sum" jobs over the inputs, before any gradient is written (the
- * gradient may overwrite the logits). */
+ * NaN), N and S the two parts' sums, and the z-loss's part Z / 0 likewise (Z from the
+ * first job's lses); one sum of all over 0 could differ. Rare: two loss-only "sum"
+ * jobs over the inputs, before any gradient is written (the gradient may overwrite
+ * the logits). */
 static int mean_over_no_weight(const fce_job *job, double *mean)
 {
     fce_job sub = *job;
     sub.reduction = FCE_REDUCE_SUM;
     sub.grad = NULL;
     sub.loss_out = NULL;
-    const double eps = job->label_smoothing, zero = job->weight_total;
+    sub.lse_out = NULL;
+    sub.z_loss = 0.0;
+    const double eps = job->label_smoothing, zero = job->weight_total, z = job->z_loss;
+    const int64_t n = job->n_outer * job->n_inner;
+    T *lse = NULL;
+    if (z > 0) {
+        /* the z-loss part z sum(w_y lse^2) over 0 too: the lses of the first job */
+        lse = malloc((size_t)n * sizeof(T));
+        if (!lse) return FCE_ERR_NOMEM;
+        sub.lse_out = lse;
+    }
     sub.label_smoothing = 0.0;
     int st = NAME(fce_run)(&sub);
-    if (st != FCE_OK) return st;
-    *mean = (1.0 - eps) * sub.loss_reduced / zero;
-    if (eps > 0) {
+    if (st == FCE_OK) {
+        *mean = (1.0 - eps) * sub.loss_reduced / zero;
+        if (lse) {
+            const T *w = (const T *)job->weight;
+            double zsum = 0.0;
+            for (int64_t s = 0; s < n; s++)
+                if (job->target[s] != job->ignore_index)
+                    zsum += LOSS_Z(z * (w ? (double)w[job->target[s]] : 1.0), (double)lse[s]);
+            *mean += zsum / zero;
+        }
+        sub.lse_out = NULL;
+    }
+    if (st == FCE_OK && eps > 0) {
         sub.label_smoothing = 1.0;
         st = NAME(fce_run)(&sub);
-        if (st != FCE_OK) return st;
-        *mean += eps * sub.loss_reduced / zero;
+        if (st == FCE_OK) *mean += eps * sub.loss_reduced / zero;
     }
-    return FCE_OK;
+    free(lse);
+    return st;
 }
 
 int NAME(fce_run)(fce_job *job)
@@ -188,6 +214,8 @@ int NAME(fce_run)(fce_job *job)
     if (C <= 0) return FCE_ERR_ARG;
 
     if (job->op == FCE_OP_LOSS) {
+        if (!(job->z_loss >= 0.0 && job->z_loss <= DBL_MAX)) return FCE_ERR_ARG;
+        cx.z = job->z_loss;
         double eps = job->label_smoothing;
         if (cx.has_y) {
             cx.a0 = 1.0 - eps;
@@ -239,7 +267,7 @@ int NAME(fce_run)(fce_job *job)
     if (cx.has_y && job->reduction == FCE_REDUCE_MEAN && job->weight_total == 0.0 &&
         n_samples > 0) {
         int st = mean_over_no_weight(job, &no_weight_mean);
-        if (st != FCE_OK || !cx.want_out) {
+        if (st != FCE_OK || (!cx.want_out && !job->lse_out)) {
             job->loss_reduced = no_weight_mean;
             return st;
         }
@@ -262,7 +290,8 @@ int NAME(fce_run)(fce_job *job)
         n_items = (N + cx.per_item - 1) / cx.per_item;
         if (C > FCE_SMALL_C)
             fn = cx.g ? pt->rows_with_output : pt->rows_no_output;
-        else if (!cx.want_out && cx.has_y && cx.qmode == Q_NONE &&
+        else if (!cx.want_out && cx.has_y && cx.qmode == Q_NONE && cx.z == 0.0 &&
+                 !job->lse_out &&
                  (rs < 0 ? -rs : rs) <= INT32_MAX / pt->lanes) /* gather offsets fit int32 */
             fn = pt->rows_small_c_loss;
         else

@@ -5,8 +5,9 @@
  * (lse_state.h), is written here and nowhere else:
  *   lse  = k + ls,  ls = log s
  *   loss = a ((k - x_y) + ls) + b (d + q ls)   (LOSS_TARGET + LOSS_COEFS)
+ *          + zw lse^2                          (LOSS_Z, the z-loss: zw = z_loss w_y)
  *   d loss / d x_c = c1 softmax_c - c2 q_c  (- a gs at c = y),
- *   c1 = gs (a + b q),  c2 = gs b
+ *   c1 = gs (a + b q) + gs zc,  c2 = gs b,  zc = 2 zw lse (GRAD_CZ, with a z-loss)
  * with, for class-index targets y:  a = (1 - eps) w_y, b = eps / C, q_c = w_c (or 1)
  *      for probability targets p:   a = 0,             b = 1,       q_c = w_c ((1-eps) p_c + eps/C)
  * and gs the upstream gradient of the sample. The formulas are macros so that
@@ -29,6 +30,10 @@ enum { Q_NONE = 0, Q_ONE, Q_W, Q_P, Q_PW };
 #define LOSS_COEFS(b, d, q, ls) ((b) * ((d) + (q) * (ls)))
 #define GRAD_C1(gs, a, b, q) ((gs) * ((a) + (b) * (q)))
 #define GRAD_C2(gs, b) ((gs) * (b))
+/* the z-loss's term of the loss and of c1 (added only when z_loss > 0) */
+#define LOSS_Z(zw, lse) ((zw) * ((lse) * (lse)))
+#define ZLOSS_ZC(zw, lse) (2.0 * (zw) * (lse))
+#define GRAD_CZ(gs, zc) ((gs) * (zc))
 
 typedef struct NAME(fce_ctx) ctx;
 typedef struct sample sample;
@@ -64,6 +69,7 @@ struct NAME(fce_ctx) {
     T *g;
     T pa, pb;            /* q from probabilities: (pa p + pb) (* w) */
     double a0, b;        /* a = a0 * w_y; b as in the header comment */
+    double z;            /* z_loss: zw = z * w_y (z for probability targets) */
     double gscale;       /* upstream gradient for sum/mean, / total for mean */
     /* the work plan */
     int64_t per_item, seg, nseg, tiles;
@@ -87,6 +93,7 @@ struct sample {
     int ignored;
     int64_t y;
     double xy, a, k, ls, gs;   /* gs: the upstream gradient scale of this sample */
+    double zw, zc;             /* z-loss: its weight z w_y, its c1 term 2 zw lse (0 without) */
 };
 
 /* 1 if any of the n logits at x[0], x[stride], ... is NaN */
@@ -112,6 +119,8 @@ static inline int sample_target(const ctx *cx, int64_t s, sample *smp)
     smp->xy = smp->k = smp->ls = 0.0;
     smp->gs = 1.0;
     smp->a = cx->a0;
+    smp->zw = cx->z;
+    smp->zc = 0.0;
     if (!cx->has_y) return 1;
     int64_t y = cx->job->target[s];
     smp->y = y;
@@ -120,8 +129,21 @@ static inline int sample_target(const ctx *cx, int64_t s, sample *smp)
         if (cx->job->loss_out) ((T *)cx->job->loss_out)[s] = 0;
         return 0;
     }
-    if (cx->w) smp->a = cx->a0 * (double)cx->w[y];
+    if (cx->w) {
+        smp->a = cx->a0 * (double)cx->w[y];
+        smp->zw = cx->z * (double)cx->w[y];
+    }
     return 1;
+}
+
+/* The log-sum-exp k + ls of a sample with state st, as torch's logsumexp: a +inf
+ * logit gives +inf (not the NaN of inf - inf), unless a NaN is there. x, stride: the
+ * sample's logits (read only in the +inf case). */
+static inline double state_lse(const ctx *cx, const fce_state *st, double ls, const T *x,
+                               int64_t stride)
+{
+    if (st->m == INFINITY) return any_nan(x, stride, cx->C) ? NAN : INFINITY;
+    return fce_shift(st->m) + ls;
 }
 
 /* Finish sample number s with state st and ls = log(st->s): writes its
@@ -134,17 +156,16 @@ static inline double finish_sample(const ctx *cx, int64_t s, const fce_state *st
     const fce_job *job = cx->job;
     smp->k = fce_shift(st->m);
     smp->ls = ls;
-    if (cx->op == FCE_OP_LOGSUMEXP) {
-        /* a +inf logit: the sum is inf (not the NaN of inf - inf), unless a NaN is there */
-        double lse = smp->k + smp->ls;
-        if (st->m == INFINITY) lse = any_nan(x, stride, cx->C) ? NAN : INFINITY;
-        ((T *)job->lse_out)[s] = (T)lse;
-        return 0.0;
-    }
-    if (cx->op == FCE_OP_LOG_SOFTMAX) return 0.0;
+    if (job->lse_out) ((T *)job->lse_out)[s] = (T)state_lse(cx, st, ls, x, stride);
+    if (cx->op != FCE_OP_LOSS) return 0.0;
     double loss = 0.0;
     if (cx->has_y) loss = LOSS_TARGET(smp->a, smp->k, smp->xy, smp->ls);
     if (cx->qmode != Q_NONE) loss += LOSS_COEFS(cx->b, st->d, st->q, smp->ls);
+    if (cx->z != 0.0) {
+        double lse = smp->k + smp->ls;
+        loss += LOSS_Z(smp->zw, lse);
+        smp->zc = ZLOSS_ZC(smp->zw, lse);
+    }
     if (cx->want_out) smp->gs = sample_gs(cx, s);
     if (job->loss_out) ((T *)job->loss_out)[s] = (T)loss;
     return loss;
@@ -166,6 +187,7 @@ static inline T target_grad(const ctx *cx, const sample *smp, double qsum, doubl
     double g = TGRAD_TARGET(smp->a, pym1);
     if (cx->qmode != Q_NONE)
         g += TGRAD_COEFS(cx->b, qsum, pym1, cx->w ? (double)cx->w[smp->y] : 1.0);
+    if (cx->z != 0.0) g += smp->zc * py;
     return (T)(smp->gs * g);
 }
 

@@ -416,13 +416,19 @@ static int row_state(const ctx *cx, int64_t r, sample *smp, fce_state *st, T *ek
                      T mb, const T *xn, int64_t nn, T *mn)
 {
     const T *x = cx->x + r * cx->job->outer_stride;
-    if (!sample_target(cx, r, smp)) {
+    const int kept = sample_target(cx, r, smp);
+    if (!kept && !cx->job->lse_out) {
         if (mn) *mn = NAN;
         return 0;
     }
     range_stats_any(cx, x, cx->C, mb, cx->w,
                     cx->p ? cx->p + r * cx->job->prob_outer_stride : NULL, st, ek, bm, xn, nn,
                     mn);
+    if (!kept) {
+        /* an ignored sample's log-sum-exp is still asked for */
+        ((T *)cx->job->lse_out)[r] = (T)state_lse(cx, st, log(st->s), x, 1);
+        return 0;
+    }
     /* read after the row, from cache: read before, it is a cache miss that holds
      * up the stream (about 3 % for rows of 128 KiB) */
     if (cx->has_y) smp->xy = (double)x[smp->y];
@@ -446,6 +452,7 @@ static double row_one(const ctx *cx, int64_t r, T *ek)
     }
     double loss = finish_sample(cx, r, &st, log(st.s), &smp, x, 1);
     double c1 = GRAD_C1(smp.gs, smp.a, cx->b, st.q), c2 = GRAD_C2(smp.gs, cx->b);
+    if (cx->z != 0.0) c1 += GRAD_CZ(smp.gs, smp.zc);
     int target = cx->has_y && cx->op == FCE_OP_LOSS;
     int64_t skip = target ? smp.y : -1;
     double others =

@@ -15,7 +15,7 @@ static void item_segment_stats(const ctx *cx, int64_t it, int tid)
     const fce_job *job = cx->job;
     int64_t r = it / cx->nseg, c0 = (it % cx->nseg) * cx->seg;
     int64_t len = cx->C - c0 < cx->seg ? cx->C - c0 : cx->seg;
-    if (cx->has_y && job->target[r] == job->ignore_index) {
+    if (cx->has_y && job->target[r] == job->ignore_index && !job->lse_out) {
         cx->states[it] = (fce_state){-INFINITY, 0.0, 0.0, 0.0};
         return;
     }
@@ -40,6 +40,7 @@ static void item_segment_write(const ctx *cx, int64_t it, int tid)
     }
     double q = cx->states[r * cx->nseg].q;
     double c1 = GRAD_C1(smp->gs, smp->a, cx->b, q), c2 = GRAD_C2(smp->gs, cx->b);
+    if (cx->z != 0.0) c1 += GRAD_CZ(smp->gs, smp->zc);
     int64_t skip = cx->has_y && cx->op == FCE_OP_LOSS ? smp->y - c0 : -1;
     cx->mass[it] = write_range_any(cx, cx->x + r * job->outer_stride + c0, NULL, 0, out, len,
                                    skip, cx->w ? cx->w + c0 : NULL,

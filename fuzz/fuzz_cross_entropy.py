@@ -26,8 +26,8 @@ cross_entropy, cross_entropy_with_grad, log_softmax or logsumexp, with
   inf, wrong shape), reduction (and invalid ones), label_smoothing (and invalid
   ones), ignore_index (and invalid ones), grad_output (scalar, per sample,
   broadcastable, wrong shape), out= (fresh in any layout, out=logits in place,
-  overlapping, read-only, wrong dtype or shape), n_threads, the ISA variant and
-  the tuning knobs;
+  overlapping, read-only, wrong dtype or shape), z_loss, return_z_loss and
+  return_lse (and invalid ones), n_threads, the ISA variant and the tuning knobs;
 * values: normal at scales 1e-3..1e4, rows offset by a huge common value, and
   entries set to NaN, +-inf, +-huge (1e38 / 1e300, the dtype's max), subnormals, +-0.
 
@@ -329,6 +329,11 @@ def decode_case(data):
         case["out"] = d.pick([None, None, None, "fresh", "fresh", "inplace", "overlap", "readonly",
                               "wrong_dtype", "wrong_shape"])
         case["out_layout"] = d.pick(LAYOUTS_OUT)
+    # the language-model options, drawn last (the regression seeds decode as before)
+    case["z_loss"] = d.pick([0.0] * 4 + [1e-4, 0.1, 1.0, 1e-300, 3] +
+                            ([-1.0, np.nan, np.inf, "0.1", True] if d.chance(8) else []))
+    case["return_z_loss"] = d.pick([False, False, True] + ([1, None] if d.chance(16) else []))
+    case["return_lse"] = d.pick([False, False, True] + ([1] if d.chance(16) else []))
     return case
 
 
@@ -394,6 +399,10 @@ def materialise(case):
     t, _ = arrange(case["target"], case["target_layout"])
     kw.update(reduction=case["reduction"], label_smoothing=case["label_smoothing"],
               ignore_index=case["ignore_index"])
+    for k, default in (("z_loss", 0.0), ("return_z_loss", False), ("return_lse", False)):
+        v = case.get(k, default)
+        if not (type(v) is type(default) and v == default):  # the defaults: not passed
+            kw[k] = v
     if case["weight"] is not None:
         w = case["weight"]
         if isinstance(w, np.ndarray):
@@ -579,7 +588,7 @@ def _subnormal(a, dtype):
     return bool(((a > 0) & (a < np.finfo(dtype).smallest_normal)).any())
 
 
-def compare_ce(case, args, kw, fres, rres):
+def compare_ce(case, args, kw, fres, rres, fx=(), rx=()):
     dtype = np.asarray(rres[0] if case["fn"] == "grad" else rres).dtype
     base, xs, C, u = error_model(case, args, kw, dtype)
     x = np.asarray(args[0])
@@ -629,6 +638,18 @@ def compare_ce(case, args, kw, fres, rres):
         per = base * W * S                       # absolute error of each sample's loss
         # the magnitude of its intermediate terms: x - max, log_p * q, log_p * q * w
         mag = L * np.maximum(np.maximum(W, Q), 1.0)
+        # the z-loss z w lse**2: lse's error (base) times 2 z w |lse|, and its own
+        # roundings; its gradient term 2 z w lse p_c
+        z = float(kw.get("z_loss", 0.0))
+        zg = 0.0
+        if z > 0:
+            lse = np.abs(np.asarray(fastce.reference.logsumexp(x, axis=0 if x.ndim == 1 else 1),
+                                    np.float64))
+            zw = z * np.abs(w_t)
+            some = zw != 0                       # ignored: no term (even if lse**2 is inf)
+            per = per + np.where(some, zw * (2 * lse * base + 8 * u * lse * lse), 0.0)
+            mag = mag + np.where(some, zw * lse * lse, 0.0)
+            zg = np.where(some, 2 * zw * lse, 0.0)
         ref_none = fastce.reference.cross_entropy(
             *args, **{k: v for k, v in kw.items() if k not in ("reduction", "grad_output", "out")},
             reduction="none")
@@ -654,6 +675,14 @@ def compare_ce(case, args, kw, fres, rres):
     floss = fres[0] if case["fn"] == "grad" else fres
     rloss = rres[0] if case["fn"] == "grad" else rres
     close(floss, rloss, ltol, lrtol, "loss", case, exempt(lmag, dtype, nonfinite))
+    extras = list(zip(fx, rx))
+    if kw.get("return_z_loss") is True:
+        # the z part: within the loss's own error model (which holds the z term's)
+        (fz, rz), extras = extras[0], extras[1:]
+        close(fz, rz, ltol, lrtol, "z-loss part", case, exempt(lmag, dtype, nonfinite))
+    if kw.get("return_lse") is True:
+        (fl, rl), = extras
+        close(fl, rl, base, 32 * u, "lse", case)
     if case["fn"] != "grad":
         return
     fg, rg = fres[1], rres[1]
@@ -664,7 +693,7 @@ def compare_ce(case, args, kw, fres, rres):
         else:
             g0 = 1.0 if go64 is None else float(go64.reshape(()))
             s = np.full(sshape, g0 / den * cond if red == "mean" and den else g0)
-        gmag = 2 * W * np.abs(s)
+        gmag = (2 * W + zg) * np.abs(s)
         gtol = np.moveaxis(np.broadcast_to((base * S * gmag)[..., None], xs.shape), -1, cax)
         gskip = exempt(np.maximum(gmag, mag), dtype, nonfinite)
         gskip = np.moveaxis(np.broadcast_to(gskip[..., None], xs.shape), -1, cax)
@@ -727,6 +756,18 @@ def run_case(case):
             fail(case, f"fastce raised {type(fexc).__name__} ({fexc}), the reference "
                  f"{type(rexc).__name__} ({rexc})")
         return "error"
+    fx = rx = ()
+    if case["fn"] in ("ce", "grad"):
+        # the extras (z-loss part, lse) appended to the result, split off
+        nx = sum(1 for k in ("return_z_loss", "return_lse") if fkw.get(k) is True)
+        nb = 2 if case["fn"] == "grad" else 1
+        if nx:
+            if not (isinstance(fres, tuple) and len(fres) == nb + nx):
+                fail(case, f"{FUNCS[case['fn']]} returned {type(fres).__name__} for {nx} extras")
+            fres, fx = (fres[0] if nb == 1 else fres[:nb]), fres[nb:]
+            rres, rx = (rres[0] if nb == 1 else rres[:nb]), rres[nb:]
+        for f, r in zip(fx, rx):
+            same_type(case, f, r, "an extra output")
     if case["fn"] == "grad":
         if not (isinstance(fres, tuple) and len(fres) == 2):
             fail(case, f"cross_entropy_with_grad returned {type(fres).__name__}")
@@ -740,7 +781,7 @@ def run_case(case):
         compare_lse(case, fargs, fkw, fres, rres)
     else:
         # the error model reads the arguments as the reference saw them (before out= wrote)
-        compare_ce(case, materialise(case)[0], materialise(case)[1], fres, rres)
+        compare_ce(case, materialise(case)[0], materialise(case)[1], fres, rres, fx, rx)
     return "ok"
 
 

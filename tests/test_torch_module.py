@@ -210,7 +210,9 @@ def test_constructor_signature_mirrors_torch():
     ours, theirs = params(ft.CrossEntropyLoss), params(torch.nn.CrossEntropyLoss)
     assert ours[:len(theirs)] == theirs
     # fastce's own options come after, keyword-only, off by default
-    assert ours[len(theirs):] == [("inplace_backward", inspect.Parameter.KEYWORD_ONLY, False)]
+    K = inspect.Parameter.KEYWORD_ONLY
+    assert ours[len(theirs):] == [("inplace_backward", K, False), ("z_loss", K, 0.0),
+                                  ("return_z_loss", K, False), ("return_lse", K, False)]
 
 
 @pytest.mark.parametrize("size_average,reduce", [

@@ -17,8 +17,11 @@ def cross_entropy(
     ignore_index: int = ...,
     reduction: _Reduction = ...,
     label_smoothing: float = ...,
+    z_loss: float = ...,
+    return_z_loss: bool = ...,
+    return_lse: bool = ...,
     n_threads: Optional[int] = ...,
-) -> Union[_Float, npt.NDArray[np.floating[Any]]]: ...
+) -> Union[_Float, npt.NDArray[np.floating[Any]], Tuple[Any, ...]]: ...
 def cross_entropy_with_grad(
     logits: npt.ArrayLike,
     target: npt.ArrayLike,
@@ -27,10 +30,13 @@ def cross_entropy_with_grad(
     ignore_index: int = ...,
     reduction: _Reduction = ...,
     label_smoothing: float = ...,
+    z_loss: float = ...,
+    return_z_loss: bool = ...,
+    return_lse: bool = ...,
     grad_output: Optional[npt.ArrayLike] = ...,
     out: Optional[npt.NDArray[np.floating[Any]]] = ...,
     n_threads: Optional[int] = ...,
-) -> Tuple[Union[_Float, npt.NDArray[np.floating[Any]]], npt.NDArray[np.floating[Any]]]: ...
+) -> Tuple[Any, ...]: ...
 def log_softmax(
     logits: npt.ArrayLike, axis: int = ..., *, n_threads: Optional[int] = ...
 ) -> npt.NDArray[np.floating[Any]]: ...

@@ -236,6 +236,23 @@ cdef CrossEntropyArgs _normalize_ce(logits, target, weight, ignore_index, reduct
     return a
 
 
+def lm_options(z_loss, return_z_loss, return_lse):
+    """The language-model options of a cross-entropy call, checked: returns z_loss as a
+    float (finite, >= 0); raises TypeError/ValueError naming the bad one."""
+    if isinstance(z_loss, (bool, np.bool_)) or not isinstance(
+            z_loss, (int, float, np.integer, np.floating)):
+        raise TypeError(f"z_loss must be a real number >= 0, got {z_loss!r} of type "
+                        f"{type(z_loss).__name__}")
+    z = float(z_loss)
+    if not (0.0 <= z <= 1.7976931348623157e308):  # also refuses nan and inf
+        raise ValueError(f"z_loss must be finite and >= 0, got {z_loss!r}")
+    for value, name in ((return_z_loss, "return_z_loss"), (return_lse, "return_lse")):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {value!r} of type "
+                            f"{type(value).__name__}")
+    return z
+
+
 def cross_entropy_args(logits, target, weight=None, ignore_index=-100, reduction="mean",
                        label_smoothing=0.0, grad_output=None, out=None, want_grad=False):
     """The checked, canonical arguments of a cross-entropy call (a CrossEntropyArgs);

@@ -29,6 +29,7 @@ cdef extern from "fastce.h" nogil:
         int64_t prob_outer_stride, prob_class_stride, prob_inner_stride
         const void *weight
         double label_smoothing
+        double z_loss
         void *loss_out
         double loss_reduced
         double weight_total
@@ -421,7 +422,10 @@ cdef object _fast_loss(logits, target, ignore_index, reduction, label_smoothing,
     return dt.type(job.loss_reduced)
 
 
-cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads):
+cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, double z_loss=0.0,
+                           bint want_z=False, bint want_lse=False):
+    """The kernel's call: loss, or (loss, grad); with want_z / want_lse, a tuple with
+    the z-loss part and / or the per-sample log-sum-exp appended, in that order."""
     cdef fce_job job
     memset(&job, 0, sizeof(job))
     x, t, w, go, o, dtype = a.x, a.t, a.w, a.go, a.out, a.dtype
@@ -475,7 +479,13 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads):
     job.op = FCE_OP_LOSS
     job.reduction = a.red
     job.n_threads = _threads(n_threads)
-    job.lse_out = NULL
+    job.z_loss = z_loss
+    cdef object lse = None
+    if want_z or want_lse:
+        lse = np.empty(sample_shape, dtype=dtype)
+        job.lse_out = cnp.PyArray_DATA(<cnp.ndarray>lse)
+    else:
+        job.lse_out = NULL
 
     cdef object loss_out = None
     if a.red == FCE_REDUCE_NONE:
@@ -514,12 +524,38 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads):
         loss = loss_out
     else:
         loss = dtype.type(job.loss_reduced)
-    if not want_grad:
-        return loss
-    if gtarget is not None:
+    if want_grad and gtarget is not None:
         np.copyto(gtarget, g)
         g = gtarget
-    return loss, g
+    if not (want_z or want_lse):
+        return (loss, g) if want_grad else loss
+    result = [loss, g] if want_grad else [loss]
+    if want_z:
+        result.append(_z_loss_part(a, z_loss, lse, job.weight_total))
+    if want_lse:
+        result.append(lse)
+    return tuple(result)
+
+cdef object _z_loss_part(CrossEntropyArgs a, double z, lse, double weight_total):
+    """The z-loss's part of the loss, z w_y lse**2 per sample (w_y: the target's class
+    weight, 1 without weights or for probability targets; 0 for ignored samples), reduced
+    as the loss is; formed in float64 from the kernel's per-sample lse (so to the dtype's
+    precision: it is for logging)."""
+    cdef object l = lse.astype(np.float64)
+    with np.errstate(all="ignore"):
+        if a.prob:
+            per = z * (l * l)
+            den = float(l.size)
+        else:
+            ignored = a.t == a.ignore_index
+            idx = np.where(ignored, 0, a.t).astype(np.intp)
+            zw = z if a.w is None else z * a.w.astype(np.float64)[idx]
+            per = np.where(ignored, 0.0, zw * (l * l))  # an ignored NaN lse adds nothing
+            den = weight_total
+        if a.red == FCE_REDUCE_NONE:
+            return np.asarray(per).astype(a.dtype)  # a 0-d array stays one (1-D logits)
+        total = np.sum(per)
+        return a.dtype.type(total if a.red == FCE_REDUCE_SUM else total / np.float64(den))
 
 cdef _raise_bad_target(value, int64_t pos, shape, int64_t C, ignore_index):
     where = tuple(int(i) for i in np.unravel_index(pos, shape)) if len(shape) else ()
@@ -527,7 +563,8 @@ cdef _raise_bad_target(value, int64_t pos, shape, int64_t C, ignore_index):
 
 
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, n_threads=None):
+                  label_smoothing=0.0, z_loss=0.0, return_z_loss=False, return_lse=False,
+                  n_threads=None):
     """Softmax cross-entropy loss, as ``torch.nn.functional.cross_entropy``.
 
     One pass over each sample's logits computes the running max, the
@@ -552,6 +589,21 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
         targets (probability targets: by the number of samples).
     label_smoothing : float in [0, 1], default 0.0
         Mixes the target with the uniform distribution, as torch does.
+    z_loss : float >= 0, default 0.0
+        Adds ``z_loss * lse**2`` per sample (PaLM's z-loss; Liger-Kernel's
+        ``lse_square_scale``), ``lse`` the sample's log-sum-exp over the
+        classes, times the target's class weight (``weight[target]``; 1
+        without weights or for probability targets), reduced with the loss
+        (the "mean" divides by the same denominator); ignored samples add 0.
+        Computed in the kernel's one pass, gradient included.
+    return_z_loss : bool, default False
+        Also return the z-loss part of the loss (reduced as the loss), for
+        logging: formed in float64 from the per-sample lse, so to the dtype's
+        precision; the loss itself already includes it.
+    return_lse : bool, default False
+        Also return each sample's log-sum-exp (the logits' dtype, the
+        per-sample loss's shape; ignored samples' too), as
+        :func:`logsumexp` would give it.
     n_threads : int, optional
         Threads to use; default ``FASTCE_NUM_THREADS`` or all cores for
         large inputs, one for small ones. Results do not depend on it.
@@ -561,6 +613,8 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     numpy scalar or ndarray of the logits' dtype
         A scalar for "mean"/"sum"; for "none" an array shaped like the
         index target (or like the logits without the class axis).
+        With ``return_z_loss`` / ``return_lse``: a tuple ``(loss, z_part)``,
+        ``(loss, lse)`` or ``(loss, z_part, lse)``.
 
     Raises
     ------
@@ -584,17 +638,27 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     array([0.41703002, 0.22004952])
     >>> print(fastce.cross_entropy(logits, np.array([0, -100])))
     0.4170300162778335
+    >>> loss, z_part, lse = fastce.cross_entropy(logits, np.array([0, 1]), z_loss=1e-4,
+    ...                                          return_z_loss=True, return_lse=True)
+    >>> lse
+    array([2.41703002, 2.72004952])
+    >>> print(round(float(z_part), 10), round(float(loss - z_part), 10))
+    0.0006620352 0.3185397696
     """
-    if weight is None:
+    if (weight is None and type(z_loss) is float and z_loss == 0.0 and return_z_loss is False
+            and return_lse is False):
         result = _fast_loss(logits, target, ignore_index, reduction, label_smoothing, n_threads)
         if result is not None:
             return result
-    return _cross_entropy(_normalize_ce(logits, target, weight, ignore_index, reduction,
-                                        label_smoothing, None, None, False), False, n_threads)
+    a = _normalize_ce(logits, target, weight, ignore_index, reduction, label_smoothing, None,
+                      None, False)
+    z = lm_options(z_loss, return_z_loss, return_lse)
+    return _cross_entropy(a, False, n_threads, z, return_z_loss, return_lse)
 
 
 def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
-                            reduction="mean", label_smoothing=0.0, grad_output=None,
+                            reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                            return_z_loss=False, return_lse=False, grad_output=None,
                             out=None, n_threads=None):
     """Cross-entropy loss and its gradient with respect to the logits, fused.
 
@@ -606,6 +670,9 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     ----------
     logits, target, weight, ignore_index, reduction, label_smoothing, n_threads
         As in :func:`cross_entropy`.
+    z_loss, return_z_loss, return_lse
+        As in :func:`cross_entropy`; the gradient includes the z-loss's
+        ``2 z_loss w lse softmax(x)``.
     grad_output : array_like, optional
         The upstream gradient: a scalar for "mean"/"sum" (default 1); for
         "none" an array shaped like the per-sample loss (default ones), and
@@ -621,6 +688,9 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
         As :func:`cross_entropy`.
     grad : ndarray, the logits' shape and dtype
         d loss / d logits (``out`` when given). Ignored samples get 0.
+    z_part, lse
+        Appended, in that order, when ``return_z_loss`` / ``return_lse``
+        (``(loss, grad, z_part, lse)``), as in :func:`cross_entropy`.
 
     Examples
     --------
@@ -633,8 +703,10 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     array([[-0.17049943,  0.12121649,  0.04928295],
            [ 0.05430187, -0.09876047,  0.04445861]])
     """
-    return _cross_entropy(_normalize_ce(logits, target, weight, ignore_index, reduction,
-                                        label_smoothing, grad_output, out, True), True, n_threads)
+    a = _normalize_ce(logits, target, weight, ignore_index, reduction, label_smoothing,
+                      grad_output, out, True)
+    z = lm_options(z_loss, return_z_loss, return_lse)
+    return _cross_entropy(a, True, n_threads, z, return_z_loss, return_lse)
 
 
 # ------------------------------------------------- log-softmax, logsumexp

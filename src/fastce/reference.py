@@ -43,23 +43,24 @@ import numpy as np
 # The argument checks and conversions are the binding's own (one normaliser, so the
 # two modules cannot disagree on what is accepted or what an error says); everything
 # below them, the maths, is this module's, from the definition.
-from ._core import bad_target_error, cross_entropy_args, lse_args
+from ._core import bad_target_error, cross_entropy_args, lm_options, lse_args
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "log_softmax", "logsumexp"]
 
 
 def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
-             grad_output=None, out=None, want_grad=False):
+             grad_output=None, out=None, want_grad=False, lm=(0.0, False, False)):
     """The checked arguments (fastce's normaliser), in float64 with the class axis last.
 
     Returns a dict: the canonical arrays (``x``, ``t``, ``w``), ``dtype``,
     ``class_axis``, ``C``, ``sample_shape``, the logits as float64 of shape
     ``(*S, C)`` (``xs``), ``weight`` (float64 or None), ``eps``, ``reduction``,
-    ``go`` (float64 grad_output broadcast to the loss's shape), ``out``; and
+    ``go`` (float64 grad_output broadcast to the loss's shape), ``out``, ``z_loss`` (checked); and
     either class indices (``index``, ``ignored``) or probabilities (``prob``).
     """
     a = cross_entropy_args(logits, target, weight, ignore_index, reduction, label_smoothing,
                            grad_output, out, want_grad)
+    z = lm_options(*lm)  # checked where the binding checks it: before any target value
     x, t, axis = a.x, a.t, a.axis
     loss_shape = a.sample_shape if reduction == "none" else ()
     go = np.ones(loss_shape) if a.go is None else a.go.astype(np.float64)
@@ -68,7 +69,7 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
     p = dict(x=x, t=t, dtype=a.dtype, class_axis=axis, C=a.C, sample_shape=a.sample_shape,
              xs=np.moveaxis(x, axis, -1).astype(np.float64),
              weight=None if a.w is None else a.w.astype(np.float64), eps=a.eps,
-             reduction=reduction, go=go, out=a.out)
+             reduction=reduction, go=go, out=a.out, z_loss=z)
     if a.prob:
         p["prob"] = np.moveaxis(t.astype(a.dtype), axis, -1).astype(np.float64)
         return p
@@ -124,6 +125,30 @@ def _per_sample(p, logp):
     return [(1.0 - eps, nll), (eps / C, smooth)], np.sum(w_t)
 
 
+def _lse_last(xs):
+    """log(sum(exp(x))) over the last axis, as torch.logsumexp: m + log(sum(exp(x - m)))
+    with m the max (0 where it is infinite: all -inf gives -inf, a +inf gives +inf)."""
+    m = np.max(xs, axis=-1, initial=-np.inf)
+    m = np.where(np.isinf(m), 0.0, m)
+    return m + np.log(np.sum(np.exp(xs - m[..., None]), axis=-1))
+
+
+def _z_weight(p, z):
+    """The z-loss's per-sample factor z * weight[target] (z for probability targets, 0
+    for ignored samples)."""
+    if "prob" in p:
+        return np.full(p["sample_shape"], z)
+    w = p["weight"]
+    zw = z * (np.ones(p["index"].shape) if w is None else w[p["index"]])
+    return np.where(p["ignored"], 0.0, zw)
+
+
+def _z_term(p, z, lse):
+    """The z-loss z * weight[target] * lse**2 per sample (0 where ignored, even for a NaN lse)."""
+    term = _z_weight(p, z) * lse ** 2
+    return term if "prob" in p else np.where(p["ignored"], 0.0, term)
+
+
 def _combine(terms):
     """The per-sample loss: the sum of the terms."""
     (c0, t0), *rest = terms
@@ -157,7 +182,8 @@ def _finish(value, dtype, reduction):
 # --------------------------------------------------------------------------
 
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, n_threads=None):
+                  label_smoothing=0.0, z_loss=0.0, return_z_loss=False, return_lse=False,
+                  n_threads=None):
     """Softmax cross-entropy, exactly as :func:`torch.nn.functional.cross_entropy`.
 
     Parameters
@@ -181,6 +207,13 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
         probability targets.
     label_smoothing : float in [0, 1]
         Mixes the target with the uniform distribution over the C classes.
+    z_loss : float >= 0
+        Adds ``z_loss * weight[target] * lse**2`` per sample (``lse`` the
+        log-sum-exp of its logits; weight 1 without weights or for probability
+        targets; 0 for ignored samples), reduced with the loss.
+    return_z_loss, return_lse : bool
+        Also return the z-loss part (reduced as the loss) and / or the
+        per-sample log-sum-exp, appended in that order.
     n_threads : ignored
 
     Returns
@@ -212,15 +245,36 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     >>> float(cross_entropy(logits.astype(np.float32), np.array([0, 1])))
     0.3185397684574127
     """
-    p = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing)
+    p = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
+                 lm=(z_loss, return_z_loss, return_lse))
+    z = p["z_loss"]
     with np.errstate(all="ignore"):
         terms, denominator = _per_sample(p, _log_softmax_last(p["xs"]))
+        lse = _lse_last(p["xs"])
+        if z > 0:
+            terms.append((1.0, _z_term(p, z, lse)))
         value = _reduce(terms, denominator, reduction)
-    return _finish(value, p["dtype"], reduction)
+    return _with_extras(_finish(value, p["dtype"], reduction), p, z, lse, denominator,
+                        return_z_loss, return_lse)
+
+
+def _with_extras(result, p, z, lse, denominator, return_z_loss, return_lse):
+    """result, or a tuple with the z-loss part and / or the lse appended."""
+    if not (return_z_loss or return_lse):
+        return result
+    extras = []
+    if return_z_loss:
+        with np.errstate(all="ignore"):
+            zpart = _reduce([(1.0, _z_term(p, z, lse))], denominator, p["reduction"])
+        extras.append(_finish(zpart, p["dtype"], p["reduction"]))
+    if return_lse:
+        extras.append(np.asarray(lse).astype(p["dtype"]))
+    return (*(result if isinstance(result, tuple) else (result,)), *extras)
 
 
 def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
-                            label_smoothing=0.0, grad_output=None, out=None, n_threads=None):
+                            label_smoothing=0.0, z_loss=0.0, return_z_loss=False,
+                            return_lse=False, grad_output=None, out=None, n_threads=None):
     """Cross-entropy and its gradient with respect to the logits.
 
     Takes the arguments of :func:`cross_entropy`, plus:
@@ -259,13 +313,19 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
     (0.6931471805599453, array([[ 0.5, -0.5]]))
     """
     p = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
-                 grad_output, out, want_grad=True)
+                 grad_output, out, want_grad=True, lm=(z_loss, return_z_loss, return_lse))
+    z = p["z_loss"]
     dtype, go, out = p["dtype"], p["go"], p["out"]
     with np.errstate(all="ignore"):
         logp = _log_softmax_last(p["xs"])
         terms, denominator = _per_sample(p, logp)
+        lse = _lse_last(p["xs"])
+        if z > 0:
+            terms.append((1.0, _z_term(p, z, lse)))
         value = _reduce(terms, denominator, reduction)
         grad = _grad_per_sample(p, np.exp(logp))  # d loss[i] / d x[i, :]
+        if z > 0:  # d (z w lse**2) / dx = 2 z w lse softmax(x)
+            grad = grad + (2.0 * _z_weight(p, z) * lse)[..., None] * np.exp(logp)
         # a mean over no weight is NaN (torch's 0/0), and so is its gradient
         scale = (go / denominator if denominator != 0 else go * np.nan) if reduction == "mean" else go
         grad = grad * (scale[..., None] if reduction == "none" else scale)
@@ -277,7 +337,8 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
         out = np.ascontiguousarray(grad.astype(dtype))
     else:
         out[...] = grad
-    return _finish(value, dtype, reduction), out
+    return _with_extras((_finish(value, dtype, reduction), out), p, z, lse, denominator,
+                        return_z_loss, return_lse)
 
 
 def _grad_per_sample(p, prob):

@@ -173,7 +173,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction,
-                label_smoothing, inplace_backward):
+                label_smoothing, inplace_backward, z_loss, return_z_loss, return_lse):
         x = _to_numpy(input)
         t = _to_numpy(target)
         w = None if weight is None else _to_numpy(weight)
@@ -187,15 +187,16 @@ class _CrossEntropyFunction(torch.autograd.Function):
             # Torch-owned, C-contiguous buffer that receives the gradient.
             grad = torch.empty(input.shape, dtype=input.dtype)
             out = grad.numpy()
-        loss, _ = _fastce.cross_entropy_with_grad(
+        loss, _, *extras = _fastce.cross_entropy_with_grad(
             x, t, weight=w, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, out=out)
+            label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=return_z_loss,
+            return_lse=return_lse, out=out)
         if inplace_backward:
             torch.autograd.graph.increment_version(input)
         ctx.inplace = inplace_backward
         ctx.reduction = reduction
         ctx.class_dim = 0 if input.dim() == 1 else 1
-        ctx.options = (ignore_index, reduction, label_smoothing)
+        ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
         # The gradient is kept as an attribute, not a saved tensor, so that a backward
         # may hand it to the caller (see backward); the inputs are saved (no copy) so
         # that a later backward through a retained graph can recompute it.
@@ -207,10 +208,15 @@ class _CrossEntropyFunction(torch.autograd.Function):
             # Mask of ignored samples, shaped like the per-sample loss
             # (compared in NumPy: no overflow for unsigned targets).
             ctx.ignored = torch.from_numpy(np.asarray(t == ignore_index))
-        return _loss_to_tensor(loss, input.dtype)
+        # the z-loss part and the lse are outputs without a gradient (None if not asked)
+        extras = [_loss_to_tensor(e, input.dtype) for e in extras]
+        ctx.mark_non_differentiable(*extras)
+        zpart = extras.pop(0) if return_z_loss else None
+        lse = extras.pop(0) if return_lse else None
+        return _loss_to_tensor(loss, input.dtype), zpart, lse
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_zpart=None, _grad_lse=None):
         if torch.is_grad_enabled():
             # create_graph=True: the gradient would come back without a graph, and a
             # gradient penalty built on it would be silently dropped
@@ -220,7 +226,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 "computed in the forward pass and has no graph; use "
                 "torch.nn.functional.cross_entropy for that loss")
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
+            return (None,) * 10
         grad = ctx.grad
         if grad is None and ctx.inplace:
             raise RuntimeError(
@@ -233,13 +239,13 @@ class _CrossEntropyFunction(torch.autograd.Function):
             # gradient over: recompute it from the inputs as they were at forward time
             # (saved_tensors raises if they were modified in place since).
             input, target, weight = ctx.saved_tensors
-            ignore_index, reduction, label_smoothing = ctx.options
+            ignore_index, reduction, label_smoothing, z_loss = ctx.options
             grad = torch.empty(input.shape, dtype=input.dtype)
             _fastce.cross_entropy_with_grad(
                 _to_numpy(input), _to_numpy(target),
                 weight=None if weight is None else _to_numpy(weight),
                 ignore_index=ignore_index, reduction=reduction,
-                label_smoothing=label_smoothing, out=grad.numpy())
+                label_smoothing=label_smoothing, z_loss=z_loss, out=grad.numpy())
             ctx.grad = grad
         if ctx.inplace:
             # the buffer is the (former) logits: scaled in place and handed over, so the
@@ -253,7 +259,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 if ctx.ignored is not None:
                     go = go.masked_fill(ctx.ignored, 0)
                 grad.mul_(go.unsqueeze(1) if ctx.class_dim == 1 else go)
-            return grad, None, None, None, None, None, None
+            return (grad,) + (None,) * 9
         if ctx.reduction != "none":
             if grad_output.item() == 1.0:
                 # The usual loss.backward(): hand the buffer itself to the caller, who
@@ -270,11 +276,12 @@ class _CrossEntropyFunction(torch.autograd.Function):
             if ctx.class_dim == 1:
                 go = go.unsqueeze(1)
             g = grad * go
-        return g, None, None, None, None, None, None
+        return (g,) + (None,) * 9
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100,
-                  reduction="mean", label_smoothing=0.0, *, inplace_backward=False):
+                  reduction="mean", label_smoothing=0.0, *, inplace_backward=False,
+                  z_loss=0.0, return_z_loss=False, return_lse=False):
     """Softmax cross-entropy of CPU tensors, like ``torch.nn.functional.cross_entropy``.
 
     Same arguments and result as :func:`torch.nn.functional.cross_entropy`
@@ -300,6 +307,14 @@ def cross_entropy(input, target, weight=None, ignore_index=-100,
     gradient to compute (grad mode off, ``input.requires_grad`` false) the
     option does nothing.
 
+    ``z_loss``, ``return_z_loss``, ``return_lse``: as in
+    :func:`fastce.cross_entropy` (the z-loss ``z_loss * weight[target] *
+    lse**2`` is added per sample and differentiated with the loss). With
+    either flag the result is a tuple ``(loss, z_part)``, ``(loss, lse)`` or
+    ``(loss, z_part, lse)``; ``z_part`` (for logging: the loss already
+    includes it) and ``lse`` (one per sample, ignored ones too) carry no
+    gradient.
+
     Example
     -------
     >>> import torch, fastce.torch
@@ -317,18 +332,25 @@ def cross_entropy(input, target, weight=None, ignore_index=-100,
     _validate(input, target, weight)
     if not isinstance(inplace_backward, bool):
         raise TypeError("inplace_backward must be True or False, got %r" % (inplace_backward,))
+    extras = return_z_loss is not False or return_lse is not False
     if torch.is_grad_enabled() and input.requires_grad:
         if inplace_backward:
             _check_inplace(input)
-        return _CrossEntropyFunction.apply(
+        loss, zpart, lse = _CrossEntropyFunction.apply(
             input, target, weight, ignore_index, reduction, label_smoothing,
-            inplace_backward)
-    loss = _fastce.cross_entropy(
+            inplace_backward, z_loss, return_z_loss, return_lse)
+        if not extras:
+            return loss
+        return (loss,) + tuple(e for e in (zpart, lse) if e is not None)
+    result = _fastce.cross_entropy(
         _to_numpy(input), _to_numpy(target),
         weight=None if weight is None else _to_numpy(weight),
         ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing)
-    return _loss_to_tensor(loss, input.dtype)
+        label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=return_z_loss,
+        return_lse=return_lse)
+    if not extras:
+        return _loss_to_tensor(result, input.dtype)
+    return tuple(_loss_to_tensor(r, input.dtype) for r in result)
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -337,7 +359,8 @@ class CrossEntropyLoss(torch.nn.Module):
     Same constructor as :class:`torch.nn.CrossEntropyLoss`:
     ``CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100,
     reduce=None, reduction="mean", label_smoothing=0.0)``, plus fastce's
-    keyword ``inplace_backward`` (see :func:`cross_entropy`).  The deprecated
+    keywords ``inplace_backward``, ``z_loss``, ``return_z_loss`` and
+    ``return_lse`` (see :func:`cross_entropy`).  The deprecated
     ``size_average``/``reduce`` are turned into ``reduction`` exactly as
     PyTorch does (``torch.nn._reduction.legacy_get_string``, with its
     warning).  ``weight`` is registered as a buffer (so it follows
@@ -353,13 +376,17 @@ class CrossEntropyLoss(torch.nn.Module):
     0.3774
     """
 
-    __constants__ = ["ignore_index", "reduction", "label_smoothing", "inplace_backward"]
+    __constants__ = ["ignore_index", "reduction", "label_smoothing", "inplace_backward",
+                     "z_loss", "return_z_loss", "return_lse"]
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100,
                  reduce=None, reduction="mean", label_smoothing=0.0, *,
-                 inplace_backward=False):
+                 inplace_backward=False, z_loss=0.0, return_z_loss=False, return_lse=False):
         super().__init__()
         self.inplace_backward = inplace_backward
+        self.z_loss = z_loss
+        self.return_z_loss = return_z_loss
+        self.return_lse = return_lse
         if size_average is not None or reduce is not None:
             from torch.nn import _reduction
             reduction = _reduction.legacy_get_string(size_average, reduce)
@@ -372,9 +399,12 @@ class CrossEntropyLoss(torch.nn.Module):
         return cross_entropy(
             input, target, weight=self.weight, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
-            inplace_backward=self.inplace_backward)
+            inplace_backward=self.inplace_backward, z_loss=self.z_loss,
+            return_z_loss=self.return_z_loss, return_lse=self.return_lse)
 
     def extra_repr(self):
+        extra = "".join(", %s=%r" % (k, getattr(self, k)) for k, default in (
+            ("inplace_backward", False), ("z_loss", 0.0), ("return_z_loss", False),
+            ("return_lse", False)) if getattr(self, k) != default)
         return "reduction=%r, ignore_index=%r, label_smoothing=%r%s" % (
-            self.reduction, self.ignore_index, self.label_smoothing,
-            ", inplace_backward=True" if self.inplace_backward else "")
+            self.reduction, self.ignore_index, self.label_smoothing, extra)

@@ -1,4 +1,4 @@
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple, Union
 
 from torch import Tensor, nn
 
@@ -13,13 +13,19 @@ def cross_entropy(
     label_smoothing: float = ...,
     *,
     inplace_backward: bool = ...,
-) -> Tensor: ...
+    z_loss: float = ...,
+    return_z_loss: bool = ...,
+    return_lse: bool = ...,
+) -> Union[Tensor, Tuple[Tensor, ...]]: ...
 
 class CrossEntropyLoss(nn.Module):
     ignore_index: int
     reduction: str
     label_smoothing: float
     inplace_backward: bool
+    z_loss: float
+    return_z_loss: bool
+    return_lse: bool
     weight: Optional[Tensor]
     def __init__(
         self,
@@ -31,5 +37,8 @@ class CrossEntropyLoss(nn.Module):
         label_smoothing: float = ...,
         *,
         inplace_backward: bool = ...,
+        z_loss: float = ...,
+        return_z_loss: bool = ...,
+        return_lse: bool = ...,
     ) -> None: ...
-    def forward(self, input: Tensor, target: Tensor) -> Tensor: ...
+    def forward(self, input: Tensor, target: Tensor) -> Union[Tensor, Tuple[Tensor, ...]]: ...
