@@ -641,17 +641,24 @@ def compare_ce(case, args, kw, fres, rres, fx=(), rx=()):
         # the z-loss z w lse**2: lse's error (base) times 2 z w |lse|, and its own
         # roundings; its gradient term 2 z w lse p_c
         z = float(kw.get("z_loss", 0.0))
-        zg = 0.0
+        zg = zg_err = 0.0
         if z > 0:
             lse = np.abs(np.asarray(fastce.reference.logsumexp(x, axis=0 if x.ndim == 1 else 1),
                                     np.float64))
+            # a NaN or infinite lse makes that loss NaN or inf (compared exactly): no
+            # tolerance from it, which would spoil a "sum" or "mean"'s
+            lse = np.where(np.isfinite(lse), lse, 0.0)
             zw = z * np.abs(w_t)
             some = zw != 0                       # ignored: no term (even if lse**2 is inf)
             per = per + np.where(some, zw * (2 * lse * base + 8 * u * lse * lse), 0.0)
             mag = mag + np.where(some, zw * lse * lse, 0.0)
             zg = np.where(some, 2 * zw * lse, 0.0)
+            # and its error: lse's own absolute error (base; an lse near 0 is the
+            # cancellation of k and log s, ~1e-13 relative at lse = 1e-4 in float64)
+            zg_err = np.where(some, 2 * zw * base, 0.0)
         ref_none = fastce.reference.cross_entropy(
-            *args, **{k: v for k, v in kw.items() if k not in ("reduction", "grad_output", "out")},
+            *args, **{k: v for k, v in kw.items()
+                      if k not in ("reduction", "grad_output", "out", "return_z_loss", "return_lse")},
             reduction="none")
         ref_none = np.asarray(ref_none, np.float64)
         if prob:
@@ -694,7 +701,8 @@ def compare_ce(case, args, kw, fres, rres, fx=(), rx=()):
             g0 = 1.0 if go64 is None else float(go64.reshape(()))
             s = np.full(sshape, g0 / den * cond if red == "mean" and den else g0)
         gmag = (2 * W + zg) * np.abs(s)
-        gtol = np.moveaxis(np.broadcast_to((base * S * gmag)[..., None], xs.shape), -1, cax)
+        gtol = np.moveaxis(np.broadcast_to((base * S * gmag + 4 * zg_err * np.abs(s))[..., None],
+                                           xs.shape), -1, cax)
         gskip = exempt(np.maximum(gmag, mag), dtype, nonfinite)
         gskip = np.moveaxis(np.broadcast_to(gskip[..., None], xs.shape), -1, cax)
     close(fg, rg, gtol, ((32 + 2 * n) * cond if red == "mean" else 32) * u, "gradient", case, gskip)
