@@ -642,6 +642,7 @@ def compare_ce(case, args, kw, fres, rres, fx=(), rx=()):
         # roundings; its gradient term 2 z w lse p_c
         z = float(kw.get("z_loss", 0.0))
         zg = zg_err = 0.0
+        zper = zmag = np.zeros(sshape)          # the z part's own error and size
         if z > 0:
             lse = np.abs(np.asarray(fastce.reference.logsumexp(x, axis=0 if x.ndim == 1 else 1),
                                     np.float64))
@@ -650,8 +651,10 @@ def compare_ce(case, args, kw, fres, rres, fx=(), rx=()):
             lse = np.where(np.isfinite(lse), lse, 0.0)
             zw = z * np.abs(w_t)
             some = zw != 0                       # ignored: no term (even if lse**2 is inf)
-            per = per + np.where(some, zw * (2 * lse * base + 8 * u * lse * lse), 0.0)
-            mag = mag + np.where(some, zw * lse * lse, 0.0)
+            zper = np.where(some, zw * (2 * lse * base + 8 * u * lse * lse), 0.0)
+            zmag = np.where(some, zw * lse * lse, 0.0)
+            per = per + zper
+            mag = mag + zmag
             zg = np.where(some, 2 * zw * lse, 0.0)
             # and its error: lse's own absolute error (base; an lse near 0 is the
             # cancellation of k and log s, ~1e-13 relative at lse = 1e-4 in float64)
@@ -671,12 +674,15 @@ def compare_ce(case, args, kw, fres, rres, fx=(), rx=()):
         # of magnitudes; 2x for margin): ~1e3 u seen for 8000 samples of two weights
         n = max(ref_none.size, 1)
         acc = 2 * n * u * np.sum(np.abs(ref_none))
+        zacc = 2 * n * u * np.sum(zmag)
         if red == "none":
-            ltol, lrtol, lmag = per, 32 * u, mag
+            ltol, lrtol, lmag, ztol = per, 32 * u, mag, zper
         elif red == "sum":
             ltol, lrtol, lmag = np.sum(per) + acc, 32 * u, np.sum(mag)
+            ztol = np.sum(zper) + zacc
         else:
             ltol = (np.sum(per) + acc) / abs(den) * cond if den else 0.0
+            ztol = (np.sum(zper) + zacc) / abs(den) * cond if den else 0.0
             lrtol = (32 + 2 * n) * u * cond
             lmag = np.sum(mag) * (1.0 if den == 0 else max(1.0, 1.0 / abs(den)))
     floss = fres[0] if case["fn"] == "grad" else fres
@@ -684,9 +690,9 @@ def compare_ce(case, args, kw, fres, rres, fx=(), rx=()):
     close(floss, rloss, ltol, lrtol, "loss", case, exempt(lmag, dtype, nonfinite))
     extras = list(zip(fx, rx))
     if kw.get("return_z_loss") is True:
-        # the z part: within the loss's own error model (which holds the z term's)
+        # the z part: its own terms' error model (the loss's holds them too)
         (fz, rz), extras = extras[0], extras[1:]
-        close(fz, rz, ltol, lrtol, "z-loss part", case, exempt(lmag, dtype, nonfinite))
+        close(fz, rz, ztol, lrtol, "z-loss part", case, exempt(lmag, dtype, nonfinite))
     if kw.get("return_lse") is True:
         (fl, rl), = extras
         close(fl, rl, base, 32 * u, "lse", case)
