@@ -101,9 +101,12 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
     TI ys[G];        /* each position's target class (-1: none), to leave out of its mass */
     VD A[4], GS[4];  /* the loss: a and the upstream gradient of each position */
     VD ZC[4];        /* the z-loss's c1 term 2 zw lse of each position (z_loss > 0) */
+    /* loaded once: the stores below could alias cx's fields for the compiler */
+    const double zl = cx->z;
     if (cx->op == FCE_OP_LOSS) {
         /* L positions at a time in double lanes (fce_ctx.h's formulas), no per-sample state */
         const fce_job *job = cx->job;
+        T *const lse_out = (T *)job->lse_out;
         for (int v = 0; v < 4; v++) {
             const int64_t Jv = J - v * L;
             int64_t yl[L], okl[L];
@@ -143,7 +146,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
                 memcpy(&vd, D + v * L, sizeof vd);
                 loss += LOSS_COEFS(cx->b, vd, vq, vls);
             }
-            if (job->lse_out && Jv > 0) {
+            if (lse_out && Jv > 0) {
                 /* every position's, ignored ones included; state_lse where a logit is +inf */
                 VD lse = vk + vls;
                 for (int64_t i = 0; i < L && i < Jv; i++)
@@ -151,12 +154,12 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
                         fce_state st = {INFINITY, 0.0, 0.0, 0.0};
                         lse[i] = state_lse(cx, &st, 0.0, x + v * L + i, cs);
                     }
-                storen((T *)job->lse_out + s0 + v * L, __builtin_convertvector(lse, V), Jv);
+                storen(lse_out + s0 + v * L, __builtin_convertvector(lse, V), Jv);
             }
-            if (cx->z != 0.0) {
+            if (zl != 0.0) {
                 VD zw, lse = vk + vls;
                 for (int64_t i = 0; i < L; i++)
-                    zw[i] = !okl[i] ? 0.0 : cx->w && cx->has_y ? cx->z * (double)cx->w[yl[i]] : cx->z;
+                    zw[i] = !okl[i] ? 0.0 : cx->w && cx->has_y ? zl * (double)cx->w[yl[i]] : zl;
                 loss += LOSS_Z(zw, lse);
                 ZC[v] = ZLOSS_ZC(zw, lse);
             }
@@ -175,7 +178,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
                 SPLATD(GS[v], 1.0);
             VI keepv = __builtin_convertvector(ok, VI);
             VD c1d = GRAD_C1(GS[v], A[v], cx->b, vq);
-            if (cx->z != 0.0) c1d += GRAD_CZ(GS[v], ZC[v]);
+            if (zl != 0.0) c1d += GRAD_CZ(GS[v], ZC[v]);
             V c1 = __builtin_convertvector(c1d, V);
             V c2 = __builtin_convertvector(GRAD_C2(GS[v], cx->b), V);
             V ktv = k[v], lst = __builtin_convertvector(vls, V);
@@ -257,7 +260,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
                     for (int64_t i = 0; i < L; i++) qy[i] = ys[v * L + i] >= 0 ? (double)cx->w[ys[v * L + i]] : 0.0;
                 g += TGRAD_COEFS(cx->b, q, pym1, qy);
             }
-            if (cx->z != 0.0) g += ZC[v] * pyd;
+            if (zl != 0.0) g += ZC[v] * pyd;
             V gt = __builtin_convertvector(GS[v] * g, V);
             for (int64_t i = 0; i < L && v * L + i < J; i++)
                 if (keep[v * L + i]) out[ys[v * L + i] * ocs + v * L + i] = gt[i];
