@@ -77,7 +77,13 @@ typedef struct {
 
     void *lse_out;             /* per-sample log-sum-exp (x's dtype), contiguous, or NULL:
                                   the output of FCE_OP_LOGSUMEXP; with FCE_OP_LOSS, every
-                                  sample's (ignored ones included) when not NULL */
+                                  sample's (ignored ones included) when not NULL, and then
+                                  the z-loss part too: */
+    void *z_out;               /* FCE_OP_LOSS with lse_out: the per-sample z-loss term
+                                  z_loss w lse^2 (x's dtype; 0 where ignored), or NULL */
+    double z_reduced;          /* out, FCE_OP_LOSS with lse_out: the z-loss part reduced
+                                  as the loss ("sum": its sum; "mean": over the loss's
+                                  denominator), from the lses written */
 
     int n_threads;             /* <= 0: let the kernel choose */
 

@@ -136,6 +136,26 @@ static int scale_weights(ctx *cx, double *wden, T **copy)
     return 1;
 }
 
+/* The z-loss's part of a job's loss from the lses it wrote (lse_out): z w_y lse^2 per
+ * sample (w_y the class weight as given, 1 without weights or for probability
+ * targets; 0 where ignored), into z_out if not NULL; returns their sum in order. */
+static double z_part_sum(const fce_job *job, int has_y, double z, T *z_out)
+{
+    const T *lse = (const T *)job->lse_out, *w = (const T *)job->weight;
+    const int64_t n = job->n_outer * job->n_inner;
+    double sum = 0.0;
+    for (int64_t s = 0; s < n; s++) {
+        double term = 0.0;
+        if (!has_y)
+            term = LOSS_Z(z, (double)lse[s]);
+        else if (job->target[s] != job->ignore_index)
+            term = LOSS_Z(z * (w ? (double)w[job->target[s]] : 1.0), (double)lse[s]);
+        if (z_out) z_out[s] = (T)term;
+        sum += term;
+    }
+    return sum;
+}
+
 /* The "mean" of class-index targets whose weights sum to 0 (all ignored, or weights
  * that cancel), as torch makes it: the target part and the smoothing part are each
  * divided by that 0, (1 - eps) N / 0 + eps S / 0 in IEEE arithmetic (inf, -inf or
@@ -164,14 +184,7 @@ static int mean_over_no_weight(const fce_job *job, double *mean)
     int st = NAME(fce_run)(&sub);
     if (st == FCE_OK) {
         *mean = (1.0 - eps) * sub.loss_reduced / zero;
-        if (lse) {
-            const T *w = (const T *)job->weight;
-            double zsum = 0.0;
-            for (int64_t s = 0; s < n; s++)
-                if (job->target[s] != job->ignore_index)
-                    zsum += LOSS_Z(z * (w ? (double)w[job->target[s]] : 1.0), (double)lse[s]);
-            *mean += zsum / zero;
-        }
+        if (lse) *mean += z_part_sum(&sub, 1, z, NULL) / zero;
         sub.lse_out = NULL;
     }
     if (st == FCE_OK && eps > 0) {
@@ -211,6 +224,7 @@ int NAME(fce_run)(fce_job *job)
     const int64_t n_samples = N * D;
     job->loss_reduced = 0.0;
     job->weight_total = 0.0;
+    job->z_reduced = 0.0;
     if (C <= 0) return FCE_ERR_ARG;
 
     if (job->op == FCE_OP_LOSS) {
@@ -232,7 +246,7 @@ int NAME(fce_run)(fce_job *job)
         }
     }
     if (n_samples == 0) {
-        job->loss_reduced = job->reduction == FCE_REDUCE_MEAN ? NAN : 0.0;
+        job->loss_reduced = job->z_reduced = job->reduction == FCE_REDUCE_MEAN ? NAN : 0.0;
         return FCE_OK;
     }
     const int rows = D == 1 && job->class_stride == 1;
@@ -271,10 +285,6 @@ int NAME(fce_run)(fce_job *job)
             job->loss_reduced = no_weight_mean;
             return st;
         }
-    }
-    if (n_samples == 0) {
-        job->loss_reduced = job->reduction == FCE_REDUCE_MEAN ? NAN : 0.0;
-        return FCE_OK;
     }
 
     /* Work items: runs of whole rows, row segments, or (outer, position tile). */
@@ -363,6 +373,12 @@ int NAME(fce_run)(fce_job *job)
     job->loss_reduced = job->reduction != FCE_REDUCE_MEAN ? total
                         : job->weight_total == 0.0 ? (cx.has_y ? no_weight_mean : NAN)
                                                    : total / wden;
+    if (job->lse_out && cx.op == FCE_OP_LOSS) {
+        /* the true weights and denominator (not scale_weights's) */
+        double z = z_part_sum(job, cx.has_y, cx.z, (T *)job->z_out);
+        job->z_reduced = job->reduction != FCE_REDUCE_MEAN ? z
+                         : z / (cx.has_y ? job->weight_total : (double)n_samples);
+    }
 
 done:
     if (cx.partials != stack_partials) free(cx.partials);

@@ -38,6 +38,8 @@ cdef extern from "fastce.h" nogil:
         const void *grad_output
         double grad_output_scalar
         void *lse_out
+        void *z_out
+        double z_reduced
         int n_threads
         int64_t bad_position
         int64_t bad_value
@@ -480,12 +482,15 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, double
     job.reduction = a.red
     job.n_threads = _threads(n_threads)
     job.z_loss = z_loss
-    cdef object lse = None
+    cdef object lse = None, z_out = None
+    job.lse_out = NULL
+    job.z_out = NULL
     if want_z or want_lse:
         lse = np.empty(sample_shape, dtype=dtype)
         job.lse_out = cnp.PyArray_DATA(<cnp.ndarray>lse)
-    else:
-        job.lse_out = NULL
+        if want_z and a.red == FCE_REDUCE_NONE:
+            z_out = np.empty(sample_shape, dtype=dtype)
+            job.z_out = cnp.PyArray_DATA(<cnp.ndarray>z_out)
 
     cdef object loss_out = None
     if a.red == FCE_REDUCE_NONE:
@@ -531,31 +536,10 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, double
         return (loss, g) if want_grad else loss
     result = [loss, g] if want_grad else [loss]
     if want_z:
-        result.append(_z_loss_part(a, z_loss, lse, job.weight_total))
+        result.append(z_out if a.red == FCE_REDUCE_NONE else dtype.type(job.z_reduced))
     if want_lse:
         result.append(lse)
     return tuple(result)
-
-cdef object _z_loss_part(CrossEntropyArgs a, double z, lse, double weight_total):
-    """The z-loss's part of the loss, z w_y lse**2 per sample (w_y: the target's class
-    weight, 1 without weights or for probability targets; 0 for ignored samples), reduced
-    as the loss is; formed in float64 from the kernel's per-sample lse (so to the dtype's
-    precision: it is for logging)."""
-    cdef object l = lse.astype(np.float64)
-    with np.errstate(all="ignore"):
-        if a.prob:
-            per = z * (l * l)
-            den = float(l.size)
-        else:
-            ignored = a.t == a.ignore_index
-            idx = np.where(ignored, 0, a.t).astype(np.intp)
-            zw = z if a.w is None else z * a.w.astype(np.float64)[idx]
-            per = np.where(ignored, 0.0, zw * (l * l))  # an ignored NaN lse adds nothing
-            den = weight_total
-        if a.red == FCE_REDUCE_NONE:
-            return np.asarray(per).astype(a.dtype)  # a 0-d array stays one (1-D logits)
-        total = np.sum(per)
-        return a.dtype.type(total if a.red == FCE_REDUCE_SUM else total / np.float64(den))
 
 cdef _raise_bad_target(value, int64_t pos, shape, int64_t C, ignore_index):
     where = tuple(int(i) for i in np.unravel_index(pos, shape)) if len(shape) else ()
@@ -598,8 +582,8 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
         Computed in the kernel's one pass, gradient included.
     return_z_loss : bool, default False
         Also return the z-loss part of the loss (reduced as the loss), for
-        logging: formed in float64 from the per-sample lse, so to the dtype's
-        precision; the loss itself already includes it.
+        logging: formed by the kernel in double from the per-sample lse it
+        wrote (so to the dtype's precision); the loss itself already includes it.
     return_lse : bool, default False
         Also return each sample's log-sum-exp (the logits' dtype, the
         per-sample loss's shape; ignored samples' too), as
