@@ -88,25 +88,27 @@ class BuildExt(build_ext):
                   file=sys.stderr)
             import warnings
             warnings.warn(f"fastce built without OpenMP: {why}")
-        objects = []
-        # the paths: once per (ISA, dtype), each with its ISA's flags
-        for isa, flags in VARIANTS.items():
-            for dtype in (32, 64):
-                objects += cc.compile(
-                    [os.path.join(CSRC, "fastce_kernel.c")],
-                    output_dir=os.path.join(self.build_temp, f"kernel_{isa}_f{dtype}"),
-                    macros=[("FCE_DTYPE", str(dtype)), ("FCE_ISA", isa)], include_dirs=[CSRC],
-                    extra_postargs=C_FLAGS + flags + openmp, depends=HEADERS)
-        # the planner: once per dtype, no ISA flags
-        for dtype in (32, 64):
-            objects += cc.compile(
-                [os.path.join(CSRC, "fastce_planner.c")],
-                output_dir=os.path.join(self.build_temp, f"planner_f{dtype}"),
-                macros=[("FCE_DTYPE", str(dtype))], include_dirs=[CSRC],
-                extra_postargs=C_FLAGS + openmp, depends=HEADERS)
-        objects += cc.compile(
-            [os.path.join(CSRC, "fastce_dispatch.c")], output_dir=self.build_temp,
-            include_dirs=[CSRC], extra_postargs=C_FLAGS + openmp, depends=HEADERS)
+        # the compilations, each (source, output dir, macros, flags): the paths once per
+        # (ISA, dtype) with that ISA's flags, the planner once per dtype, the dispatcher
+        jobs = [("fastce_kernel.c", f"kernel_{isa}_f{dtype}",
+                 [("FCE_DTYPE", str(dtype)), ("FCE_ISA", isa)], flags)
+                for isa, flags in VARIANTS.items() for dtype in (32, 64)]
+        jobs += [("fastce_planner.c", f"planner_f{dtype}", [("FCE_DTYPE", str(dtype))], [])
+                 for dtype in (32, 64)]
+        jobs += [("fastce_dispatch.c", "", [], [])]
+
+        def compile_one(job):
+            src, out, macros, flags = job
+            return cc.compile([os.path.join(CSRC, src)],
+                              output_dir=os.path.join(self.build_temp, out), macros=macros,
+                              include_dirs=[CSRC], extra_postargs=C_FLAGS + flags + openmp,
+                              depends=HEADERS)
+
+        # in parallel, one compiler process per core (each job has its own output dir);
+        # the objects in the order above
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+            objects = [o for objs in pool.map(compile_one, jobs) for o in objs]
         ext.extra_objects = objects
         ext.extra_link_args = list(ext.extra_link_args or []) + openmp_link
         ext.define_macros = list(ext.define_macros or []) + [

@@ -14,8 +14,8 @@
  * Two passes over the C x G tile (max, then exp-sum), then the write pass. */
 #define G (4 * L) /* positions per group: four vectors */
 
-static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int64_t pcs,
-                         T *out, int64_t ocs, int64_t J, int64_t s0)
+FCE_INLINE double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int64_t pcs,
+                             T *out, int64_t ocs, int64_t J, int64_t s0, xfp xf)
 {
     const int64_t C = cx->C;
     const int qmode = cx->qmode;
@@ -26,6 +26,8 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
     for (int64_t c = 0; c < C; c++)
         for (int v = 0; v < nv; v++)
             m[v] = vmax(loadn(x + c * cs + v * L, J - v * L, -INFINITY), m[v]);
+    if (xf.on)
+        for (int v = 0; v < 4; v++) m[v] = xf_vec(xf, m[v], NULL); /* the max of the logits */
     V k[4];
     for (int v = 0; v < 4; v++) k[v] = vselect(m[v] == -INFINITY, splat(0), m[v]);
 
@@ -47,7 +49,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
             if (qmode == Q_ONE) qc = splat(1);
             else if (qmode == Q_W) qc = splat(cx->w[c]);
             for (int v = 0; v < nv; v++) {
-                V xv = loadn(x + c * cs + v * L, J - v * L, -INFINITY);
+                V xv = xf_loadn(xf, x + c * cs + v * L, J - v * L, -INFINITY, NULL);
                 V e = vexp(xv - k[v]);
                 s[v] += e;
                 if (keep_e) storeu(E + c * G + v * L, e);
@@ -101,6 +103,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
     TI ys[G];        /* each position's target class (-1: none), to leave out of its mass */
     VD A[4], GS[4];  /* the loss: a and the upstream gradient of each position */
     VD ZC[4];        /* the z-loss's c1 term 2 zw lse of each position (z_loss > 0) */
+    VD DY[4];        /* the target's sech^2 factor of each position (softcap; else 1) */
     /* loaded once: the stores below could alias cx's fields for the compiler */
     const double zl = cx->z;
     if (cx->op == FCE_OP_LOSS) {
@@ -126,6 +129,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
             VI y32 = __builtin_convertvector(yv, VI);
             memcpy(ys + v * L, &y32, sizeof y32);
             SPLATD(A[v], cx->a0);
+            SPLATD(DY[v], 1.0);
             if (cx->w && cx->has_y)
                 for (int64_t i = 0; i < L; i++) A[v][i] = okl[i] ? cx->a0 * (double)cx->w[yl[i]] : 0.0;
             VD vls, vd, vq, vk = widen(k[v]), loss = widen(splat(0));
@@ -140,7 +144,9 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
                     xo = vselect_eq(y32, (TI)(c + 1), loadn(x + (c + 1) * cs + v * L, Jv, 0), xo);
                 }
                 if (c < C) xe = vselect_eq(y32, (TI)c, loadn(x + c * cs + v * L, Jv, 0), xe);
-                loss = LOSS_TARGET(A[v], vk, widen((V)((VI)xe | (VI)xo)), vls);
+                V dy = splat(1), xy = xf_vec(xf, (V)((VI)xe | (VI)xo), &dy);
+                DY[v] = widen(dy);
+                loss = LOSS_TARGET(A[v], vk, widen(xy), vls);
             }
             if (qmode != Q_NONE) {
                 memcpy(&vd, D + v * L, sizeof vd);
@@ -176,6 +182,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
                 GS[v] = widen(loadn((const T *)job->grad_output + s0 + v * L, Jv, 0));
             else
                 SPLATD(GS[v], 1.0);
+            GS[v] *= cx->gfac; /* the transform's constant factor (1 without) */
             VI keepv = __builtin_convertvector(ok, VI);
             VD c1d = GRAD_C1(GS[v], A[v], cx->b, vq);
             if (zl != 0.0) c1d += GRAD_CZ(GS[v], ZC[v]);
@@ -195,7 +202,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
         keep[j] = 0;
         Kt[j] = LSt[j] = C1[j] = C2[j] = 0;
         if (!sample_target(cx, s0 + j, &smp[j])) continue;
-        if (cx->has_y) smp[j].xy = (double)x[smp[j].y * cs + j];
+        if (cx->has_y) smp[j].xy = xf_logit(cx, x[smp[j].y * cs + j], &smp[j].dy);
         total += finish_sample(cx, s0 + j, &st, LS[j], &smp[j], x + j, cs);
         keep[j] = -1;
         Kt[j] = (T)smp[j].k;
@@ -221,7 +228,9 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
         for (int v = 0; v < 4; v++) {
             int64_t n = J - v * L;
             if (n <= 0) break;
-            V z = (loadn(x + c * cs + v * L, n, 0) - loadu(Kt + v * L)) - loadu(LSt + v * L);
+            V dz = splat(1);
+            V z = (xf_loadn(xf, x + c * cs + v * L, n, 0, &dz) - loadu(Kt + v * L)) -
+                  loadu(LSt + v * L);
             V o;
             if (log_softmax) {
                 o = z;
@@ -240,6 +249,7 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
                     }
                     o -= loadu(C2 + v * L) * qv;
                 }
+                if (xf.on && xf.cap != 0) o *= dz;
             }
             VI kv;
             memcpy(&kv, keep + v * L, sizeof kv);
@@ -261,11 +271,19 @@ static double cols_group(const ctx *cx, const T *x, int64_t cs, const T *p, int6
                 g += TGRAD_COEFS(cx->b, q, pym1, qy);
             }
             if (zl != 0.0) g += ZC[v] * pyd;
-            V gt = __builtin_convertvector(GS[v] * g, V);
+            V gt = __builtin_convertvector(GS[v] * g * DY[v], V);
             for (int64_t i = 0; i < L && v * L + i < J; i++)
                 if (keep[v * L + i]) out[ys[v * L + i] * ocs + v * L + i] = gt[i];
         }
     return total;
+}
+
+/* cols_group for the job's logit transform (an instantiation each) */
+static double cols_group_any(const ctx *cx, const T *x, int64_t cs, const T *p, int64_t pcs,
+                             T *out, int64_t ocs, int64_t J, int64_t s0)
+{
+    return cx->xf.on ? cols_group(cx, x, cs, p, pcs, out, ocs, J, s0, XF_ON(cx))
+                     : cols_group(cx, x, cs, p, pcs, out, ocs, J, s0, XF_OFF);
 }
 
 /* The C <= FCE_SMALL_C classes of J <= L rows at x, x + rs, ... (rows past J repeat
@@ -415,7 +433,7 @@ static double rows_small_c(const ctx *cx, int64_t r0, int64_t r1)
                 for (int64_t c = 0; c < C; c++) storeu(pt + c * G + v, cls[c]);
             }
         }
-        total += cols_group(cx, xt, G, pt, G, gt, G, J, r);
+        total += cols_group_any(cx, xt, G, pt, G, gt, G, J, r);
         if (cx->want_out)
             for (int64_t v = 0; v < J; v += L) {
                 for (int64_t c = 0; c < C; c++) cls[c] = loadu(gt + c * G + v);
@@ -446,8 +464,8 @@ static void item_cols(const ctx *cx, int64_t it, int tid)
         const T *xg = cx->x + n * job->outer_stride + j;
         const T *pg = cx->p ? cx->p + n * job->prob_outer_stride + j : NULL;
         T *og = cx->g ? cx->g + n * job->grad_outer_stride + j : NULL;
-        acc += cols_group(cx, xg, job->class_stride, pg, job->prob_class_stride, og,
-                          job->grad_class_stride, J, n * D + j);
+        acc += cols_group_any(cx, xg, job->class_stride, pg, job->prob_class_stride, og,
+                              job->grad_class_stride, J, n * D + j);
     }
     cx->partials[it] = acc;
 }

@@ -63,6 +63,11 @@ typedef struct {
     double label_smoothing;    /* in [0, 1] */
     double z_loss;             /* >= 0: adds z_loss * w * lse^2 per sample (w: the target's
                                   class weight, 1 without weights or for probabilities) */
+    /* the logit transform, applied as logits are read (no transformed copy is made):
+     *   z = logit_scale * x, then with softcap > 0: z = softcap * tanh(z / softcap);
+     * every output (loss, lse, log-softmax) is of z, the gradient is d/dx. */
+    double logit_scale;        /* finite > 0; 0 is taken as 1 (a zeroed job has none) */
+    double softcap;            /* finite > 0, or 0 for none */
 
     /* outputs */
     void *loss_out;            /* per-sample loss (x's dtype), or NULL */

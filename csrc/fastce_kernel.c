@@ -26,4 +26,5 @@ const paths ISA_NAME(fce_paths) = {
     .segment_write = item_segment_write,
     .cols = item_cols,
     .exp = exp_n,
+    .xform1 = xform1,
 };

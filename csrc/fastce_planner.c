@@ -84,7 +84,7 @@ static void for_items(int nt, int64_t first, int64_t last, int fixed, item_fn fn
 
 /* rows layout, C > SEG: merge row r's segment states in order, finish the row
  * (its loss goes to the partial of its first segment) */
-static void finish_long_row(ctx *cx, int64_t r)
+static void finish_long_row(ctx *cx, const paths *pt, int64_t r)
 {
     const fce_job *job = cx->job;
     sample *smp = &cx->smps[r];
@@ -97,7 +97,10 @@ static void finish_long_row(ctx *cx, int64_t r)
                 (T)state_lse(cx, st, log(st->s), cx->x + r * job->outer_stride, 1);
         return;
     }
-    if (cx->has_y) smp->xy = (double)cx->x[r * job->outer_stride + smp->y];
+    if (cx->has_y) {
+        T xy = cx->x[r * job->outer_stride + smp->y];
+        smp->xy = cx->xf.on ? (double)pt->xform1(cx->xf, xy, &smp->dy) : (double)xy;
+    }
     cx->partials[r * cx->nseg] =
         finish_sample(cx, r, st, log(st->s), smp, cx->x + r * job->outer_stride, 1);
 }
@@ -196,6 +199,29 @@ static int mean_over_no_weight(const fce_job *job, double *mean)
     return st;
 }
 
+/* The job's logit transform into the context (ctx.xf, ctx.gfac; fce_ctx.h): on
+ * unless logit_scale is 1 (or 0, unset) and there is no softcap. Returns 0 if a
+ * parameter is out of range (not finite and > 0, or not representable in T). */
+static int set_transform(ctx *cx, const fce_job *job)
+{
+    const double s = job->logit_scale == 0.0 ? 1.0 : job->logit_scale, cap = job->softcap;
+    cx->xf = (xfp){0, 1, 1, 0};
+    cx->gfac = 1.0;
+    if (!(s > 0.0 && s <= DBL_MAX) || !(cap >= 0.0 && cap <= DBL_MAX)) return 0;
+    if (s == 1.0 && cap == 0.0) return 1;
+    const double u = cap > 0.0 ? s / cap : 1.0;
+    cx->xf = (xfp){1, (T)s, (T)u, (T)cap};
+    cx->gfac = s;
+    /* each factor a finite non-zero T (a subnormal one would lose its digits) */
+    const double tmin = FCE_DTYPE == 32 ? FLT_MIN : DBL_MIN;
+    for (int i = 0; i < 3; i++) {
+        double f = i == 0 ? (double)cx->xf.s : i == 1 ? (double)cx->xf.u : (double)cx->xf.cap;
+        if (i == 2 && cap == 0.0) continue;
+        if (!(f >= tmin && isfinite(f))) return 0;
+    }
+    return 1;
+}
+
 int NAME(fce_run)(fce_job *job)
 {
     const paths *pt = NAME(fce_current_paths)();
@@ -226,6 +252,7 @@ int NAME(fce_run)(fce_job *job)
     job->weight_total = 0.0;
     job->z_reduced = 0.0;
     if (C <= 0) return FCE_ERR_ARG;
+    if (!set_transform(&cx, job)) return FCE_ERR_ARG;
 
     if (job->op == FCE_OP_LOSS) {
         if (!(job->z_loss >= 0.0 && job->z_loss <= DBL_MAX)) return FCE_ERR_ARG;
@@ -301,7 +328,7 @@ int NAME(fce_run)(fce_job *job)
         if (C > FCE_SMALL_C)
             fn = cx.g ? pt->rows_with_output : pt->rows_no_output;
         else if (!cx.want_out && cx.has_y && cx.qmode == Q_NONE && cx.z == 0.0 &&
-                 !job->lse_out &&
+                 !job->lse_out && !cx.xf.on &&
                  (rs < 0 ? -rs : rs) <= INT32_MAX / pt->lanes) /* gather offsets fit int32 */
             fn = pt->rows_small_c_loss;
         else
@@ -344,7 +371,7 @@ int NAME(fce_run)(fce_job *job)
         for_items(nt, 0, n_items, 0, fn, &cx);
     } else if (!cx.want_out) {
         for_items(nt, 0, n_items, 0, fn, &cx);
-        for (int64_t r = 0; r < N; r++) finish_long_row(&cx, r);
+        for (int64_t r = 0; r < N; r++) finish_long_row(&cx, pt, r);
     } else {
         /* With an output, a few rows at a time (about one segment per thread):
          * the write pass finds its segment still in the L2 of the thread that
@@ -353,7 +380,7 @@ int NAME(fce_run)(fce_job *job)
         for (int64_t r0 = 0; r0 < N; r0 += group) {
             int64_t r1 = r0 + group < N ? r0 + group : N;
             for_items(nt, r0 * cx.nseg, r1 * cx.nseg, 1, pt->segment_stats, &cx);
-            for (int64_t r = r0; r < r1; r++) finish_long_row(&cx, r);
+            for (int64_t r = r0; r < r1; r++) finish_long_row(&cx, pt, r);
             for_items(nt, r0 * cx.nseg, r1 * cx.nseg, 1, pt->segment_write, &cx);
             /* after every segment is written (out may alias x) */
             for (int64_t r = r0; r < r1 && cx.has_y && cx.op == FCE_OP_LOSS; r++) {

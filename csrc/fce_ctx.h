@@ -11,7 +11,11 @@
  * with, for class-index targets y:  a = (1 - eps) w_y, b = eps / C, q_c = w_c (or 1)
  *      for probability targets p:   a = 0,             b = 1,       q_c = w_c ((1-eps) p_c + eps/C)
  * and gs the upstream gradient of the sample. The formulas are macros so that
- * the same text serves one sample in double and L samples in double lanes. */
+ * the same text serves one sample in double and L samples in double lanes.
+ * With a logit transform (logit_scale s, softcap; xfp below) every x above is the
+ * transformed z and the gradient is d loss / d z times dz/dx = s sech^2(x s/cap): the
+ * s is in gs (ctx.gfac), the sech^2 (1 without a cap) per element in the write pass
+ * and, for the target class, in the sample (dy). */
 #ifndef FCE_CTX_H
 #define FCE_CTX_H
 
@@ -38,6 +42,14 @@ enum { Q_NONE = 0, Q_ONE, Q_W, Q_P, Q_PW };
 typedef struct NAME(fce_ctx) ctx;
 typedef struct sample sample;
 
+/* The logit transform as the paths take it: `on` is a constant where a path is
+ * instantiated (0: the logits as they are, the loads of before); with on,
+ * z = s x, or with cap > 0, z = cap tanh(u x), u = s / cap. */
+typedef struct {
+    int on;
+    T s, u, cap;
+} xfp;
+
 /* One work item of a path: items are numbered by the planner, which runs
  * them on its threads (tid: the thread's number, for its scratch). */
 typedef void (*item_fn)(const ctx *cx, int64_t it, int tid);
@@ -54,6 +66,8 @@ struct NAME(fce_paths) {
     item_fn segment_write;        /* C > SEG: the output of one row segment */
     item_fn cols;                 /* K-dim: a tile of positions of one outer index */
     void (*exp)(const T *x, T *y, int64_t n);
+    /* one logit transformed as the vector paths do it, *d its sech^2 (1 without a cap) */
+    T (*xform1)(xfp xf, T x, double *d);
 };
 typedef struct NAME(fce_paths) paths;
 
@@ -71,6 +85,8 @@ struct NAME(fce_ctx) {
     double a0, b;        /* a = a0 * w_y; b as in the header comment */
     double z;            /* z_loss: zw = z * w_y (z for probability targets) */
     double gscale;       /* upstream gradient for sum/mean, / total for mean */
+    xfp xf;              /* the logit transform (on: 0 or 1, read at run time) */
+    double gfac;         /* its constant factor of the gradient, s (1 without) */
     /* the work plan */
     int64_t per_item, seg, nseg, tiles;
     double *partials;    /* one loss sum per work item */
@@ -94,6 +110,7 @@ struct sample {
     int64_t y;
     double xy, a, k, ls, gs;   /* gs: the upstream gradient scale of this sample */
     double zw, zc;             /* z-loss: its weight z w_y, its c1 term 2 zw lse (0 without) */
+    double dy;                 /* the target's sech^2 factor (softcap; 1 without) */
 };
 
 /* 1 if any of the n logits at x[0], x[stride], ... is NaN */
@@ -104,11 +121,12 @@ static inline int any_nan(const T *x, int64_t stride, int64_t n)
     return 0;
 }
 
-/* The upstream gradient of sample s. */
+/* The upstream gradient of sample s, times the transform's constant factor. */
 static inline double sample_gs(const ctx *cx, int64_t s)
 {
-    if (cx->reduction != FCE_REDUCE_NONE) return cx->gscale;
-    return cx->job->grad_output ? (double)((const T *)cx->job->grad_output)[s] : 1.0;
+    if (cx->reduction != FCE_REDUCE_NONE) return cx->gscale * cx->gfac;
+    return (cx->job->grad_output ? (double)((const T *)cx->job->grad_output)[s] : 1.0) *
+           cx->gfac;
 }
 
 /* Target and weight of sample s; returns 0 if ignored (its loss is written 0). */
@@ -121,6 +139,7 @@ static inline int sample_target(const ctx *cx, int64_t s, sample *smp)
     smp->a = cx->a0;
     smp->zw = cx->z;
     smp->zc = 0.0;
+    smp->dy = 1.0;
     if (!cx->has_y) return 1;
     int64_t y = cx->job->target[s];
     smp->y = y;
@@ -188,7 +207,7 @@ static inline T target_grad(const ctx *cx, const sample *smp, double qsum, doubl
     if (cx->qmode != Q_NONE)
         g += TGRAD_COEFS(cx->b, qsum, pym1, cx->w ? (double)cx->w[smp->y] : 1.0);
     if (cx->z != 0.0) g += smp->zc * py;
-    return (T)(smp->gs * g);
+    return (T)(smp->gs * g * smp->dy);
 }
 
 /* p_y of a finished sample, in double */

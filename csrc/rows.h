@@ -23,6 +23,51 @@
 #define PF_BYTES 2048
 #endif
 
+/* ------------------------------------------------------ the logit transform */
+
+/* The logits of vector x transformed (xfp, fce_ctx.h), and with d, their sech^2
+ * factor of the gradient (left as it is without a cap). Maxima are taken of the
+ * logits as read and transformed once (the transform never decreases: s > 0). */
+FCE_INLINE V xf_vec(xfp xf, V x, V *d)
+{
+    if (!xf.on) return x;
+    if (xf.cap == 0) return x * xf.s;
+    V sech2;
+    V t = vtanh(x * xf.u, &sech2);
+    if (d) *d = sech2;
+    return t * xf.cap;
+}
+
+/* loadn (the first n lanes at p, the rest `fill`) of transformed logits */
+FCE_INLINE V xf_loadn(xfp xf, const T *p, int64_t n, T fill, V *d)
+{
+    V x = xf_vec(xf, loadn(p, n, fill), d);
+    if (!xf.on || n >= L) return x;
+    TI lane[L];
+    for (int64_t i = 0; i < L; i++) lane[i] = (TI)i;
+    VI li;
+    memcpy(&li, lane, sizeof li);
+    return vselect(li < (TI)(n < 0 ? 0 : n), x, splat(fill));
+}
+
+/* one logit transformed as the vectors are (the planner's through the paths table) */
+static T xform1(xfp xf, T x, double *d)
+{
+    V dv = splat(1), z = xf_vec(xf, splat(x), &dv);
+    *d = (double)dv[0];
+    return z[0];
+}
+
+/* the target logit of a sample as the paths see it, *d its sech^2 factor */
+static inline double xf_logit(const ctx *cx, T x, double *d)
+{
+    return cx->xf.on ? (double)xform1(cx->xf, x, d) : (double)x;
+}
+
+/* the transform as a compile-time constant of a path's instantiation */
+#define XF_OFF ((xfp){0, 1, 1, 0})
+#define XF_ON(cx) ((xfp){1, (cx)->xf.s, (cx)->xf.u, (cx)->xf.cap})
+
 /* the coefficients q for classes [c, c+n) of a row, as a vector from lane 0 */
 FCE_INLINE V qload(int qmode, const T *w, const T *p, int64_t n, T pa, T pb)
 {
@@ -87,10 +132,10 @@ FCE_INLINE void prefetch_pair(const T *a, int pf)
  * sums into s0, s1, the class-coefficient terms into dd, q0, and with find_max
  * the vectors' max into m0, m1 (NaN never wins). */
 FCE_INLINE void sum_pair(const T *x, int64_t i, V vk, int qmode, int find_max, const T *w,
-                         const T *p, T pa, T pb, T *e_out, V *s0, V *s1, VD *dd, V *q0, V *m0,
-                         V *m1)
+                         const T *p, T pa, T pb, xfp xf, T *e_out, V *s0, V *s1, VD *dd,
+                         V *q0, V *m0, V *m1)
 {
-    V xa = loadu(x + i), xb = loadu(x + i + L);
+    V xa = xf_vec(xf, loadu(x + i), NULL), xb = xf_vec(xf, loadu(x + i + L), NULL);
     if (find_max) {
         *m0 = vmax(xa, *m0);
         *m1 = vmax(xb, *m1);
@@ -122,7 +167,7 @@ FCE_INLINE void sum_pair(const T *x, int64_t i, V vk, int qmode, int find_max, c
  * stay in address order) and its max goes to *mn; with pf, pf_at[i] is
  * prefetched as x[i] is summed. */
 FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, int find_max,
-                           const T *w, const T *p, T pa, T pb, VD *sums, T *e_out,
+                           const T *w, const T *p, T pa, T pb, xfp xf, VD *sums, T *e_out,
                            const T *xn, int64_t nn, T *mn, T *own, const T *pf_at)
 {
     T k = mb == -INFINITY ? 0 : mb;
@@ -144,8 +189,8 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, int f
         int64_t without = end < from ? end : from;
         for (; i + 2 * L <= without; i += 2 * L) {
             prefetch_pair(pf_at + i, pf);
-            sum_pair(x, i, vk, qmode, find_max, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0, &m0,
-                     &m1);
+            sum_pair(x, i, vk, qmode, find_max, w, p, pa, pb, xf, e_out, &s0, &s1, &dd, &q0,
+                     &m0, &m1);
         }
         /* with pass 1 of xn while it lasts */
         int64_t with1 = end < from + nn ? end : from + nn;
@@ -154,26 +199,27 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, int f
             n0 = vmax(loadu(x1 + i), n0);
             n1 = vmax(loadu(x1 + i + L), n1);
             covered = i + 2 * L - from;
-            sum_pair(x, i, vk, qmode, find_max, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0, &m0,
-                     &m1);
+            sum_pair(x, i, vk, qmode, find_max, w, p, pa, pb, xf, e_out, &s0, &s1, &dd, &q0,
+                     &m0, &m1);
         }
         for (; i + 2 * L <= end; i += 2 * L) {
             prefetch_pair(pf_at + i, pf);
-            sum_pair(x, i, vk, qmode, find_max, w, p, pa, pb, e_out, &s0, &s1, &dd, &q0, &m0,
-                     &m1);
+            sum_pair(x, i, vk, qmode, find_max, w, p, pa, pb, xf, e_out, &s0, &s1, &dd, &q0,
+                     &m0, &m1);
         }
         sd += widen(s0) + widen(s1);
         if (qmode != Q_NONE) qd += widen(q0);
     }
     for (; i < n; i += L) {
-        V xa = loadn(x + i, n - i, -INFINITY);
+        V xa = xf_loadn(xf, x + i, n - i, -INFINITY, NULL);
         if (find_max) m0 = vmax(xa, m0);
         V ea = vexp(xa - vk);
         sd += widen(ea);
         if (e_out) storen(e_out + i, ea, n - i);
         if (qmode != Q_NONE) {
             V qa = qload(qmode, w + i, p + i, n - i, pa, pb);
-            dterm_add(&dd, qmode, qa, w + i, p + i, n - i, pa, pb, vk, loadn(x + i, n - i, k));
+            dterm_add(&dd, qmode, qa, w + i, p + i, n - i, pa, pb, vk,
+                      xf_loadn(xf, x + i, n - i, k, NULL));
             qd += widen(qa);
         }
     }
@@ -209,8 +255,8 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, int f
 #endif
 #define SHIFT_SLACK 8
 FCE_INLINE void range_stats(const T *x, int64_t n, T mb, int qmode, int pf, const T *w,
-                            const T *p, T pa, T pb, fce_state *st, T *e_out, double *bm,
-                            const T *xn, int64_t nn, T *mn)
+                            const T *p, T pa, T pb, xfp xf, fce_state *st, T *e_out,
+                            double *bm, const T *xn, int64_t nn, T *mn)
 {
     VD sums[3];
     T shift = mb, unused = 0;
@@ -237,26 +283,26 @@ FCE_INLINE void range_stats(const T *x, int64_t n, T mb, int qmode, int pf, cons
      * prefetches the start of the next (or, for a one-block row, pass 1 reads
      * the caller's next range) */
     if (len == n)
-        block_rest(x, len, shift, qmode, xn ? pf : 0, 0, w, p, pa, pb, sums, e_out, xn, nn, &nm,
-                   &unused, xn ? xn + ahead : x);
+        block_rest(x, len, shift, qmode, xn ? pf : 0, 0, w, p, pa, pb, xf, sums, e_out, xn, nn,
+                   &nm, &unused, xn ? xn + ahead : x);
     else
-        block_rest(x, len, shift, qmode, 1, 0, w, p, pa, pb, sums, e_out, NULL, 0, &nm, &unused,
-                   x + len);
+        block_rest(x, len, shift, qmode, 1, 0, w, p, pa, pb, xf, sums, e_out, NULL, 0, &nm,
+                   &unused, x + len);
     if (e_out) bm[0] = shift;
     for (int64_t b0 = len; b0 < n; b0 += SPAN) {
         int64_t sl = n - b0 < SPAN ? n - b0 : SPAN;
         const T *nx = b0 + sl == n ? xn : NULL;
         VD saved[3] = {sums[0], sums[1], sums[2]};
         T own = -INFINITY;
-        block_rest(x + b0, sl, shift, qmode, pf, 1, w ? w + b0 : w, p ? p + b0 : p, pa, pb, sums,
-                   e_out ? e_out + b0 : e_out, nx, nn, &nm, &own, x + b0 + ahead);
+        block_rest(x + b0, sl, shift, qmode, pf, 1, w ? w + b0 : w, p ? p + b0 : p, pa, pb, xf,
+                   sums, e_out ? e_out + b0 : e_out, nx, nn, &nm, &own, x + b0 + ahead);
         if (own > shift + SHIFT_SLACK) {
             /* the max grew too much in this span: its sums are dropped and taken again */
             sums[0] = saved[0], sums[1] = saved[1], sums[2] = saved[2];
             FLUSH();
             shift = own;
             block_rest(x + b0, sl, shift, qmode, 0, 0, w ? w + b0 : w, p ? p + b0 : p, pa, pb,
-                       sums, e_out ? e_out + b0 : e_out, NULL, 0, &unused, &unused, NULL);
+                       xf, sums, e_out ? e_out + b0 : e_out, NULL, 0, &unused, &unused, NULL);
         }
         if (e_out)
             for (int64_t b = b0; b < b0 + sl; b += BLK) bm[b / BLK] = shift;
@@ -266,20 +312,31 @@ FCE_INLINE void range_stats(const T *x, int64_t n, T mb, int qmode, int pf, cons
     if (xn) *mn = nm;
 }
 
-/* range_stats for the job's qmode and prefetch tuning (each an instantiation of
- * its own). mb: the max of the first block of x, or NAN to have it found here. */
+/* range_stats for the job's qmode, prefetch tuning and logit transform (each an
+ * instantiation of its own). mb: the max of the first block of x as read (not
+ * transformed), or NAN to have it found here; *mn likewise. */
 static void range_stats_any(const ctx *cx, const T *x, int64_t n, T mb, const T *w,
                             const T *p, fce_state *st, T *e_out, double *bm, const T *xn,
                             int64_t nn, T *mn)
 {
     const int pf = cx->tune.prefetch;
     if (mb != mb) mb = pf ? block_max(x, n < BLK ? n : BLK, 1) : block_max(x, n < BLK ? n : BLK, 0);
-#define RANGE_STATS(q)                                                                   \
-    do {                                                                                 \
-        if (pf)                                                                          \
-            range_stats(x, n, mb, q, 1, w, p, cx->pa, cx->pb, st, e_out, bm, xn, nn, mn); \
-        else                                                                             \
-            range_stats(x, n, mb, q, 0, w, p, cx->pa, cx->pb, st, e_out, bm, xn, nn, mn); \
+    if (cx->xf.on) {
+        double unused;
+        mb = xform1(cx->xf, mb, &unused);
+    }
+#define RANGE_STATS_XF(q, pfc, xfc) \
+    range_stats(x, n, mb, q, pfc, w, p, cx->pa, cx->pb, xfc, st, e_out, bm, xn, nn, mn)
+#define RANGE_STATS(q)                                                     \
+    do {                                                                   \
+        if (pf && cx->xf.on)                                               \
+            RANGE_STATS_XF(q, 1, XF_ON(cx));                               \
+        else if (pf)                                                       \
+            RANGE_STATS_XF(q, 1, XF_OFF);                                  \
+        else if (cx->xf.on)                                                \
+            RANGE_STATS_XF(q, 0, XF_ON(cx));                               \
+        else                                                               \
+            RANGE_STATS_XF(q, 0, XF_OFF);                                  \
     } while (0)
     switch (cx->qmode) {
     case Q_ONE: RANGE_STATS(Q_ONE); break;
@@ -289,20 +346,29 @@ static void range_stats_any(const ctx *cx, const T *x, int64_t n, T mb, const T 
     default: RANGE_STATS(Q_NONE); break;
     }
 #undef RANGE_STATS
+#undef RANGE_STATS_XF
 }
 
 /* One vector of output at offset i (r valid lanes); adds its softmax values to
- * *mass. The softmax is exp((x - k) - ls), or e * f from exps kept by pass 2. */
+ * *mass. The softmax is exp((x - k) - ls), or e * f from exps kept by pass 2;
+ * with a softcap the gradient is times sech^2 of the logits (read again for it). */
 FCE_INLINE V write_vec(const T *x, const T *ek, int64_t i, int64_t r, int qmode,
-                       int log_softmax, const T *w, const T *p, T pa, T pb, V vk, V vls,
-                       V vf, V vc1, V vc2, V *mass)
+                       int log_softmax, const T *w, const T *p, T pa, T pb, xfp xf, V vk,
+                       V vls, V vf, V vc1, V vc2, V *mass)
 {
-    if (log_softmax) return (loadn(x + i, r, -INFINITY) - vk) - vls;
-    V e = ek ? loadn(ek + i, r, 0) * vf : vexp((loadn(x + i, r, -INFINITY) - vk) - vls);
+    if (log_softmax) return (xf_loadn(xf, x + i, r, -INFINITY, NULL) - vk) - vls;
+    const int capped = xf.on && xf.cap != 0;
+    V d = splat(1), e;
+    if (ek) {
+        if (capped) (void)xf_loadn(xf, x + i, r, -INFINITY, &d);
+        e = loadn(ek + i, r, 0) * vf;
+    } else {
+        e = vexp((xf_loadn(xf, x + i, r, -INFINITY, &d) - vk) - vls);
+    }
     *mass += e;
     V o = vc1 * e;
     if (qmode != Q_NONE) o -= vc2 * qload(qmode, w + i, p + i, r, pa, pb);
-    return o;
+    return capped ? o * d : o;
 }
 
 /* out[c] = c1 exp((x_c - k) - ls) - c2 q_c  (gradient), or (x_c - k) - ls (log-softmax).
@@ -310,14 +376,14 @@ FCE_INLINE V write_vec(const T *x, const T *ek, int64_t i, int64_t r, int qmode,
  * every 16 vectors). With `stream`, full aligned vectors use non-temporal stores. */
 FCE_INLINE double write_run(const T *x, const T *ek, T f, T *out, int64_t n, int qmode,
                             int log_softmax, int stream, const T *w, const T *p, T pa, T pb,
-                            T k, T ls, T c1, T c2)
+                            xfp xf, T k, T ls, T c1, T c2)
 {
     V vk = splat(k), vls = splat(ls), vf = splat(f), vc1 = splat(c1), vc2 = splat(c2);
     V mass = splat(0);
     VD total = widen(mass);
     int64_t i = 0;
 #define WRITE_VEC(i, r) \
-    write_vec(x, ek, i, r, qmode, log_softmax, w, p, pa, pb, vk, vls, vf, vc1, vc2, &mass)
+    write_vec(x, ek, i, r, qmode, log_softmax, w, p, pa, pb, xf, vk, vls, vf, vc1, vc2, &mass)
     if (HAVE_STREAM && stream && (uintptr_t)out % sizeof(T) == 0) {
         int64_t head = (int64_t)(((uintptr_t)out / sizeof(T)) % L);
         head = head ? L - head : 0;
@@ -349,39 +415,40 @@ FCE_INLINE double write_run(const T *x, const T *ek, T f, T *out, int64_t n, int
  * output is written apart, and the mass of the others gives 1 - p_y exactly. */
 FCE_INLINE double write_range(const T *x, const T *ek, T f, T *out, int64_t n, int64_t skip,
                               int qmode, int log_softmax, int stream, const T *w, const T *p,
-                              T pa, T pb, T k, T ls, T c1, T c2)
+                              T pa, T pb, xfp xf, T k, T ls, T c1, T c2)
 {
     if (skip < 0 || skip >= n)
-        return write_run(x, ek, f, out, n, qmode, log_softmax, stream, w, p, pa, pb, k, ls,
+        return write_run(x, ek, f, out, n, qmode, log_softmax, stream, w, p, pa, pb, xf, k, ls,
                          c1, c2);
-    double m = write_run(x, ek, f, out, skip, qmode, log_softmax, stream, w, p, pa, pb, k, ls,
-                         c1, c2);
+    double m = write_run(x, ek, f, out, skip, qmode, log_softmax, stream, w, p, pa, pb, xf, k,
+                         ls, c1, c2);
     int64_t o = skip + 1;
     return m + write_run(x + o, ek ? ek + o : ek, f, out + o, n - o, qmode, log_softmax, stream,
-                         w ? w + o : w, p ? p + o : p, pa, pb, k, ls, c1, c2);
+                         w ? w + o : w, p ? p + o : p, pa, pb, xf, k, ls, c1, c2);
 }
 
+/* write_range for the job's op, qmode and logit transform (each an instantiation) */
 static double write_range_any(const ctx *cx, const T *x, const T *ek, T f, T *out, int64_t n,
                               int64_t skip, const T *w, const T *p, T k, T ls, T c1, T c2)
 {
     const int st = cx->stream;
     const T pa = cx->pa, pb = cx->pb;
-    if (cx->op == FCE_OP_LOG_SOFTMAX)
-        return write_range(x, NULL, 0, out, n, -1, Q_NONE, 1, st, w, p, pa, pb, k, ls, c1, c2);
+#define WRITE_RANGE_XF(q, lsm, xfc) \
+    write_range(x, lsm ? NULL : ek, f, out, n, lsm ? -1 : skip, q, lsm, st, w, p, pa, pb, xfc, \
+                k, ls, c1, c2)
+#define WRITE_RANGE(q, lsm) \
+    (cx->xf.on ? WRITE_RANGE_XF(q, lsm, XF_ON(cx)) : WRITE_RANGE_XF(q, lsm, XF_OFF))
+    if (cx->op == FCE_OP_LOG_SOFTMAX) return WRITE_RANGE(Q_NONE, 1);
     switch (cx->qmode) {
-    case Q_ONE:
-        return write_range(x, ek, f, out, n, skip, Q_ONE, 0, st, w, p, pa, pb, k, ls, c1, c2);
-    case Q_W:
-        return write_range(x, ek, f, out, n, skip, Q_W, 0, st, w, p, pa, pb, k, ls, c1, c2);
-    case Q_P:
-        return write_range(x, ek, f, out, n, skip, Q_P, 0, st, w, p, pa, pb, k, ls, c1, c2);
-    case Q_PW:
-        return write_range(x, ek, f, out, n, skip, Q_PW, 0, st, w, p, pa, pb, k, ls, c1, c2);
-    default:
-        return write_range(x, ek, f, out, n, skip, Q_NONE, 0, st, w, p, pa, pb, k, ls, c1, c2);
+    case Q_ONE: return WRITE_RANGE(Q_ONE, 0);
+    case Q_W: return WRITE_RANGE(Q_W, 0);
+    case Q_P: return WRITE_RANGE(Q_P, 0);
+    case Q_PW: return WRITE_RANGE(Q_PW, 0);
+    default: return WRITE_RANGE(Q_NONE, 0);
     }
+#undef WRITE_RANGE
+#undef WRITE_RANGE_XF
 }
-
 
 /* The output of a row whose pass-2 exps are kept in ek (block shifts in bm):
  * block b's softmax is ek * exp(shift(bm[b]) - lse), no exp recomputed. */
@@ -431,7 +498,7 @@ static int row_state(const ctx *cx, int64_t r, sample *smp, fce_state *st, T *ek
     }
     /* read after the row, from cache: read before, it is a cache miss that holds
      * up the stream (about 3 % for rows of 128 KiB) */
-    if (cx->has_y) smp->xy = (double)x[smp->y];
+    if (cx->has_y) smp->xy = xf_logit(cx, x[smp->y], &smp->dy);
     return 1;
 }
 

@@ -20,6 +20,8 @@ def cross_entropy(
     z_loss: float = ...,
     return_z_loss: bool = ...,
     return_lse: bool = ...,
+    logit_scale: float = ...,
+    softcap: Optional[float] = ...,
     n_threads: Optional[int] = ...,
 ) -> Union[_Float, npt.NDArray[np.floating[Any]], Tuple[Any, ...]]: ...
 def cross_entropy_with_grad(
@@ -33,6 +35,8 @@ def cross_entropy_with_grad(
     z_loss: float = ...,
     return_z_loss: bool = ...,
     return_lse: bool = ...,
+    logit_scale: float = ...,
+    softcap: Optional[float] = ...,
     grad_output: Optional[npt.ArrayLike] = ...,
     out: Optional[npt.NDArray[np.floating[Any]]] = ...,
     n_threads: Optional[int] = ...,

@@ -236,9 +236,25 @@ cdef CrossEntropyArgs _normalize_ce(logits, target, weight, ignore_index, reduct
     return a
 
 
-def lm_options(z_loss, return_z_loss, return_lse):
-    """The language-model options of a cross-entropy call, checked: returns z_loss as a
-    float (finite, >= 0); raises TypeError/ValueError naming the bad one."""
+def _positive_real(value, name, default):
+    """value as a float, finite and > 0 (TypeError/ValueError naming it otherwise)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number > 0{default}, got {value!r} of type "
+                        f"{type(value).__name__}")
+    v = float(value)
+    if not (0.0 < v <= 1.7976931348623157e308):  # also refuses nan and inf
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return v
+
+
+def lm_options(z_loss, return_z_loss, return_lse, logit_scale=1.0, softcap=None,
+               dtype=None):
+    """The language-model options of a cross-entropy call, checked: returns
+    (z_loss, logit_scale, softcap) as floats (softcap 0.0 for None); raises
+    TypeError/ValueError naming the bad one. With dtype, the logit transform's
+    factors (logit_scale, softcap, logit_scale / softcap) must be normal numbers of
+    that dtype (the kernel computes in it)."""
     if isinstance(z_loss, (bool, np.bool_)) or not isinstance(
             z_loss, (int, float, np.integer, np.floating)):
         raise TypeError(f"z_loss must be a real number >= 0, got {z_loss!r} of type "
@@ -250,7 +266,19 @@ def lm_options(z_loss, return_z_loss, return_lse):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be True or False, got {value!r} of type "
                             f"{type(value).__name__}")
-    return z
+    s = _positive_real(logit_scale, "logit_scale", "")
+    cap = 0.0 if softcap is None else _positive_real(softcap, "softcap", " or None")
+    if dtype is not None:
+        info = np.finfo(dtype)
+        factors = [("logit_scale", s)]
+        if cap:
+            factors += [("softcap", cap), ("logit_scale / softcap", s / cap)]
+        for name, f in factors:
+            if not (float(info.tiny) <= f <= float(info.max)):
+                raise ValueError(f"{name} = {f!r} is outside the normal range of the "
+                                 f"logits' dtype {np.dtype(dtype).name} "
+                                 f"[{float(info.tiny)!r}, {float(info.max)!r}]")
+    return z, s, cap
 
 
 def cross_entropy_args(logits, target, weight=None, ignore_index=-100, reduction="mean",

@@ -30,6 +30,8 @@ cdef extern from "fastce.h" nogil:
         const void *weight
         double label_smoothing
         double z_loss
+        double logit_scale
+        double softcap
         void *loss_out
         double loss_reduced
         double weight_total
@@ -424,10 +426,11 @@ cdef object _fast_loss(logits, target, ignore_index, reduction, label_smoothing,
     return dt.type(job.loss_reduced)
 
 
-cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, double z_loss=0.0,
+cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, tuple lm=(0.0, 1.0, 0.0),
                            bint want_z=False, bint want_lse=False):
     """The kernel's call: loss, or (loss, grad); with want_z / want_lse, a tuple with
-    the z-loss part and / or the per-sample log-sum-exp appended, in that order."""
+    the z-loss part and / or the per-sample log-sum-exp appended, in that order.
+    lm: (z_loss, logit_scale, softcap) as lm_options returns them."""
     cdef fce_job job
     memset(&job, 0, sizeof(job))
     x, t, w, go, o, dtype = a.x, a.t, a.w, a.go, a.out, a.dtype
@@ -481,7 +484,7 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, double
     job.op = FCE_OP_LOSS
     job.reduction = a.red
     job.n_threads = _threads(n_threads)
-    job.z_loss = z_loss
+    job.z_loss, job.logit_scale, job.softcap = lm
     cdef object lse = None, z_out = None
     job.lse_out = NULL
     job.z_out = NULL
@@ -548,7 +551,7 @@ cdef _raise_bad_target(value, int64_t pos, shape, int64_t C, ignore_index):
 
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, z_loss=0.0, return_z_loss=False, return_lse=False,
-                  n_threads=None):
+                  logit_scale=1.0, softcap=None, n_threads=None):
     """Softmax cross-entropy loss, as ``torch.nn.functional.cross_entropy``.
 
     One pass over each sample's logits computes the running max, the
@@ -587,7 +590,18 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     return_lse : bool, default False
         Also return each sample's log-sum-exp (the logits' dtype, the
         per-sample loss's shape; ignored samples' too), as
-        :func:`logsumexp` would give it.
+        :func:`logsumexp` would give it (of the transformed logits, below).
+    logit_scale : float > 0, default 1.0
+        The logits are multiplied by it first (an inverse temperature), as
+        ``cross_entropy(logit_scale * logits, ...)``; the gradient is with
+        respect to the logits as given.
+    softcap : float > 0, optional
+        Caps the (scaled) logits z smoothly to (-softcap, softcap):
+        ``softcap * tanh(z / softcap)`` (Gemma 2), taken inside the kernel as
+        the logits are read (no capped copy is made); gradient included. Every
+        output (loss, z-loss, lse) is that of the transformed logits. The
+        transform is computed in the logits' dtype, so ``logit_scale * x``
+        beyond its range is +-inf, as ``logits * logit_scale`` would be.
     n_threads : int, optional
         Threads to use; default ``FASTCE_NUM_THREADS`` or all cores for
         large inputs, one for small ones. Results do not depend on it.
@@ -628,22 +642,25 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     array([2.41703002, 2.72004952])
     >>> print(round(float(z_part), 10), round(float(loss - z_part), 10))
     0.0006620352 0.3185397696
+    >>> print(fastce.cross_entropy(logits, np.array([0, 1]), logit_scale=0.5, softcap=1.0))
+    0.6087239060616195
     """
     if (weight is None and type(z_loss) is float and z_loss == 0.0 and return_z_loss is False
-            and return_lse is False):
+            and return_lse is False and type(logit_scale) is float and logit_scale == 1.0
+            and softcap is None):
         result = _fast_loss(logits, target, ignore_index, reduction, label_smoothing, n_threads)
         if result is not None:
             return result
     a = _normalize_ce(logits, target, weight, ignore_index, reduction, label_smoothing, None,
                       None, False)
-    z = lm_options(z_loss, return_z_loss, return_lse)
-    return _cross_entropy(a, False, n_threads, z, return_z_loss, return_lse)
+    lm = lm_options(z_loss, return_z_loss, return_lse, logit_scale, softcap, a.dtype)
+    return _cross_entropy(a, False, n_threads, lm, return_z_loss, return_lse)
 
 
 def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
                             reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                            return_z_loss=False, return_lse=False, grad_output=None,
-                            out=None, n_threads=None):
+                            return_z_loss=False, return_lse=False, logit_scale=1.0,
+                            softcap=None, grad_output=None, out=None, n_threads=None):
     """Cross-entropy loss and its gradient with respect to the logits, fused.
 
     Each sample's logits are read once for the max / log-sum-exp / target
@@ -654,9 +671,12 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     ----------
     logits, target, weight, ignore_index, reduction, label_smoothing, n_threads
         As in :func:`cross_entropy`.
-    z_loss, return_z_loss, return_lse
+    z_loss, return_z_loss, return_lse, logit_scale, softcap
         As in :func:`cross_entropy`; the gradient includes the z-loss's
-        ``2 z_loss w lse softmax(x)``.
+        ``2 z_loss w lse softmax(z)`` and is with respect to the logits as given:
+        the gradient with respect to the transformed logits z times
+        ``dz/dx = logit_scale * (1 - tanh(logit_scale * x / softcap)**2)``
+        (``logit_scale`` without a softcap).
     grad_output : array_like, optional
         The upstream gradient: a scalar for "mean"/"sum" (default 1); for
         "none" an array shaped like the per-sample loss (default ones), and
@@ -689,8 +709,8 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     """
     a = _normalize_ce(logits, target, weight, ignore_index, reduction, label_smoothing,
                       grad_output, out, True)
-    z = lm_options(z_loss, return_z_loss, return_lse)
-    return _cross_entropy(a, True, n_threads, z, return_z_loss, return_lse)
+    lm = lm_options(z_loss, return_z_loss, return_lse, logit_scale, softcap, a.dtype)
+    return _cross_entropy(a, True, n_threads, lm, return_z_loss, return_lse)
 
 
 # ------------------------------------------------- log-softmax, logsumexp

@@ -49,18 +49,21 @@ __all__ = ["cross_entropy", "cross_entropy_with_grad", "log_softmax", "logsumexp
 
 
 def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
-             grad_output=None, out=None, want_grad=False, lm=(0.0, False, False)):
+             grad_output=None, out=None, want_grad=False, lm=(0.0, False, False, 1.0, None)):
     """The checked arguments (fastce's normaliser), in float64 with the class axis last.
 
     Returns a dict: the canonical arrays (``x``, ``t``, ``w``), ``dtype``,
     ``class_axis``, ``C``, ``sample_shape``, the logits as float64 of shape
     ``(*S, C)`` (``xs``), ``weight`` (float64 or None), ``eps``, ``reduction``,
-    ``go`` (float64 grad_output broadcast to the loss's shape), ``out``, ``z_loss`` (checked); and
-    either class indices (``index``, ``ignored``) or probabilities (``prob``).
+    ``go`` (float64 grad_output broadcast to the loss's shape), ``out``, ``z_loss`` (checked),
+    ``dzdx`` (the logit transform's derivative, None without one: ``xs`` holds the
+    transformed logits); and either class indices (``index``, ``ignored``) or
+    probabilities (``prob``).
     """
     a = cross_entropy_args(logits, target, weight, ignore_index, reduction, label_smoothing,
                            grad_output, out, want_grad)
-    z = lm_options(*lm)  # checked where the binding checks it: before any target value
+    # checked where the binding checks it: before any target value
+    z, scale, cap = lm_options(*lm, dtype=a.dtype)
     x, t, axis = a.x, a.t, a.axis
     loss_shape = a.sample_shape if reduction == "none" else ()
     go = np.ones(loss_shape) if a.go is None else a.go.astype(np.float64)
@@ -69,7 +72,20 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
     p = dict(x=x, t=t, dtype=a.dtype, class_axis=axis, C=a.C, sample_shape=a.sample_shape,
              xs=np.moveaxis(x, axis, -1).astype(np.float64),
              weight=None if a.w is None else a.w.astype(np.float64), eps=a.eps,
-             reduction=reduction, go=go, out=a.out, z_loss=z)
+             reduction=reduction, go=go, out=a.out, z_loss=z, dzdx=None)
+    if scale != 1.0 or cap:
+        # the logit transform, by its definition: z = s x, then cap tanh(z / cap)
+        xs = p["xs"] * scale
+        # in the logits' dtype, as the kernel computes it: past its range is +-inf
+        big = np.abs(xs) > float(np.finfo(a.dtype).max)
+        xs = np.where(big, np.copysign(np.inf, xs), xs)
+        p["dzdx"] = np.full(xs.shape, scale)
+        if cap:
+            with np.errstate(all="ignore"):
+                th = np.tanh(xs / cap)
+            xs = cap * th
+            p["dzdx"] = scale * (1.0 - th ** 2)
+        p["xs"] = xs
     if a.prob:
         p["prob"] = np.moveaxis(t.astype(a.dtype), axis, -1).astype(np.float64)
         return p
@@ -183,7 +199,7 @@ def _finish(value, dtype, reduction):
 
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, z_loss=0.0, return_z_loss=False, return_lse=False,
-                  n_threads=None):
+                  logit_scale=1.0, softcap=None, n_threads=None):
     """Softmax cross-entropy, exactly as :func:`torch.nn.functional.cross_entropy`.
 
     Parameters
@@ -214,6 +230,12 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     return_z_loss, return_lse : bool
         Also return the z-loss part (reduced as the loss) and / or the
         per-sample log-sum-exp, appended in that order.
+    logit_scale : float > 0
+        The logits are taken as ``logit_scale * logits`` (+-inf past the
+        dtype's range).
+    softcap : float > 0 or None
+        Then as ``softcap * tanh(z / softcap)``.  Every output is of these
+        transformed logits; gradients are with respect to the logits given.
     n_threads : ignored
 
     Returns
@@ -246,7 +268,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     0.3185397684574127
     """
     p = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
-                 lm=(z_loss, return_z_loss, return_lse))
+                 lm=(z_loss, return_z_loss, return_lse, logit_scale, softcap))
     z = p["z_loss"]
     with np.errstate(all="ignore"):
         terms, denominator = _per_sample(p, _log_softmax_last(p["xs"]))
@@ -274,7 +296,8 @@ def _with_extras(result, p, z, lse, denominator, return_z_loss, return_lse):
 
 def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
                             label_smoothing=0.0, z_loss=0.0, return_z_loss=False,
-                            return_lse=False, grad_output=None, out=None, n_threads=None):
+                            return_lse=False, logit_scale=1.0, softcap=None, grad_output=None,
+                            out=None, n_threads=None):
     """Cross-entropy and its gradient with respect to the logits.
 
     Takes the arguments of :func:`cross_entropy`, plus:
@@ -313,7 +336,8 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
     (0.6931471805599453, array([[ 0.5, -0.5]]))
     """
     p = _prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
-                 grad_output, out, want_grad=True, lm=(z_loss, return_z_loss, return_lse))
+                 grad_output, out, want_grad=True,
+                 lm=(z_loss, return_z_loss, return_lse, logit_scale, softcap))
     z = p["z_loss"]
     dtype, go, out = p["dtype"], p["go"], p["out"]
     with np.errstate(all="ignore"):
@@ -329,6 +353,8 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
         # a mean over no weight is NaN (torch's 0/0), and so is its gradient
         scale = (go / denominator if denominator != 0 else go * np.nan) if reduction == "mean" else go
         grad = grad * (scale[..., None] if reduction == "none" else scale)
+        if p["dzdx"] is not None:  # the chain rule through the logit transform
+            grad = grad * p["dzdx"]
         if "ignored" in p:  # after scaling: 0 * (1/0) would be nan
             grad = np.where(p["ignored"][..., None], 0.0, grad)
 

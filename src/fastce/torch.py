@@ -168,12 +168,16 @@ def _loss_to_tensor(loss, dtype):
     return torch.from_numpy(a)
 
 
+_N_INPUTS = 12  # the arguments of _CrossEntropyFunction.forward after ctx
+
+
 class _CrossEntropyFunction(torch.autograd.Function):
     """Autograd node: fused loss+gradient forward, cheap scaling backward."""
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction,
-                label_smoothing, inplace_backward, z_loss, return_z_loss, return_lse):
+                label_smoothing, inplace_backward, z_loss, return_z_loss, return_lse,
+                logit_scale, softcap):
         x = _to_numpy(input)
         t = _to_numpy(target)
         w = None if weight is None else _to_numpy(weight)
@@ -190,13 +194,15 @@ class _CrossEntropyFunction(torch.autograd.Function):
         loss, _, *extras = _fastce.cross_entropy_with_grad(
             x, t, weight=w, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=return_z_loss,
-            return_lse=return_lse, out=out)
+            return_lse=return_lse, logit_scale=logit_scale, softcap=softcap, out=out)
         if inplace_backward:
             torch.autograd.graph.increment_version(input)
         ctx.inplace = inplace_backward
         ctx.reduction = reduction
         ctx.class_dim = 0 if input.dim() == 1 else 1
-        ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
+        ctx.options = dict(ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing, z_loss=z_loss,
+                           logit_scale=logit_scale, softcap=softcap)
         # The gradient is kept as an attribute, not a saved tensor, so that a backward
         # may hand it to the caller (see backward); the inputs are saved (no copy) so
         # that a later backward through a retained graph can recompute it.
@@ -226,7 +232,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 "computed in the forward pass and has no graph; use "
                 "torch.nn.functional.cross_entropy for that loss")
         if not ctx.needs_input_grad[0]:
-            return (None,) * 10
+            return (None,) * _N_INPUTS
         grad = ctx.grad
         if grad is None and ctx.inplace:
             raise RuntimeError(
@@ -239,13 +245,11 @@ class _CrossEntropyFunction(torch.autograd.Function):
             # gradient over: recompute it from the inputs as they were at forward time
             # (saved_tensors raises if they were modified in place since).
             input, target, weight = ctx.saved_tensors
-            ignore_index, reduction, label_smoothing, z_loss = ctx.options
             grad = torch.empty(input.shape, dtype=input.dtype)
             _fastce.cross_entropy_with_grad(
                 _to_numpy(input), _to_numpy(target),
-                weight=None if weight is None else _to_numpy(weight),
-                ignore_index=ignore_index, reduction=reduction,
-                label_smoothing=label_smoothing, z_loss=z_loss, out=grad.numpy())
+                weight=None if weight is None else _to_numpy(weight), out=grad.numpy(),
+                **ctx.options)
             ctx.grad = grad
         if ctx.inplace:
             # the buffer is the (former) logits: scaled in place and handed over, so the
@@ -259,7 +263,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 if ctx.ignored is not None:
                     go = go.masked_fill(ctx.ignored, 0)
                 grad.mul_(go.unsqueeze(1) if ctx.class_dim == 1 else go)
-            return (grad,) + (None,) * 9
+            return (grad,) + (None,) * (_N_INPUTS - 1)
         if ctx.reduction != "none":
             if grad_output.item() == 1.0:
                 # The usual loss.backward(): hand the buffer itself to the caller, who
@@ -276,12 +280,13 @@ class _CrossEntropyFunction(torch.autograd.Function):
             if ctx.class_dim == 1:
                 go = go.unsqueeze(1)
             g = grad * go
-        return (g,) + (None,) * 9
+        return (g,) + (None,) * (_N_INPUTS - 1)
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100,
                   reduction="mean", label_smoothing=0.0, *, inplace_backward=False,
-                  z_loss=0.0, return_z_loss=False, return_lse=False):
+                  z_loss=0.0, return_z_loss=False, return_lse=False, logit_scale=1.0,
+                  softcap=None):
     """Softmax cross-entropy of CPU tensors, like ``torch.nn.functional.cross_entropy``.
 
     Same arguments and result as :func:`torch.nn.functional.cross_entropy`
@@ -315,6 +320,11 @@ def cross_entropy(input, target, weight=None, ignore_index=-100,
     includes it) and ``lse`` (one per sample, ignored ones too) carry no
     gradient.
 
+    ``logit_scale``, ``softcap``: as in :func:`fastce.cross_entropy`, the
+    logits taken as ``softcap * tanh(logit_scale * input / softcap)`` (or
+    ``logit_scale * input`` without a softcap) inside the kernel, no
+    transformed copy made; the gradient is with respect to ``input``.
+
     Example
     -------
     >>> import torch, fastce.torch
@@ -338,7 +348,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100,
             _check_inplace(input)
         loss, zpart, lse = _CrossEntropyFunction.apply(
             input, target, weight, ignore_index, reduction, label_smoothing,
-            inplace_backward, z_loss, return_z_loss, return_lse)
+            inplace_backward, z_loss, return_z_loss, return_lse, logit_scale, softcap)
         if not extras:
             return loss
         return (loss,) + tuple(e for e in (zpart, lse) if e is not None)
@@ -347,7 +357,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100,
         weight=None if weight is None else _to_numpy(weight),
         ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=return_z_loss,
-        return_lse=return_lse)
+        return_lse=return_lse, logit_scale=logit_scale, softcap=softcap)
     if not extras:
         return _loss_to_tensor(result, input.dtype)
     return tuple(_loss_to_tensor(r, input.dtype) for r in result)
@@ -359,8 +369,8 @@ class CrossEntropyLoss(torch.nn.Module):
     Same constructor as :class:`torch.nn.CrossEntropyLoss`:
     ``CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100,
     reduce=None, reduction="mean", label_smoothing=0.0)``, plus fastce's
-    keywords ``inplace_backward``, ``z_loss``, ``return_z_loss`` and
-    ``return_lse`` (see :func:`cross_entropy`).  The deprecated
+    keywords ``inplace_backward``, ``z_loss``, ``return_z_loss``,
+    ``return_lse``, ``logit_scale`` and ``softcap`` (see :func:`cross_entropy`).  The deprecated
     ``size_average``/``reduce`` are turned into ``reduction`` exactly as
     PyTorch does (``torch.nn._reduction.legacy_get_string``, with its
     warning).  ``weight`` is registered as a buffer (so it follows
@@ -377,12 +387,15 @@ class CrossEntropyLoss(torch.nn.Module):
     """
 
     __constants__ = ["ignore_index", "reduction", "label_smoothing", "inplace_backward",
-                     "z_loss", "return_z_loss", "return_lse"]
+                     "z_loss", "return_z_loss", "return_lse", "logit_scale", "softcap"]
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100,
                  reduce=None, reduction="mean", label_smoothing=0.0, *,
-                 inplace_backward=False, z_loss=0.0, return_z_loss=False, return_lse=False):
+                 inplace_backward=False, z_loss=0.0, return_z_loss=False, return_lse=False,
+                 logit_scale=1.0, softcap=None):
         super().__init__()
+        self.logit_scale = logit_scale
+        self.softcap = softcap
         self.inplace_backward = inplace_backward
         self.z_loss = z_loss
         self.return_z_loss = return_z_loss
@@ -400,11 +413,13 @@ class CrossEntropyLoss(torch.nn.Module):
             input, target, weight=self.weight, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
             inplace_backward=self.inplace_backward, z_loss=self.z_loss,
-            return_z_loss=self.return_z_loss, return_lse=self.return_lse)
+            return_z_loss=self.return_z_loss, return_lse=self.return_lse,
+            logit_scale=self.logit_scale, softcap=self.softcap)
 
     def extra_repr(self):
         extra = "".join(", %s=%r" % (k, getattr(self, k)) for k, default in (
             ("inplace_backward", False), ("z_loss", 0.0), ("return_z_loss", False),
-            ("return_lse", False)) if getattr(self, k) != default)
+            ("return_lse", False), ("logit_scale", 1.0), ("softcap", None))
+            if getattr(self, k) != default)
         return "reduction=%r, ignore_index=%r, label_smoothing=%r%s" % (
             self.reduction, self.ignore_index, self.label_smoothing, extra)

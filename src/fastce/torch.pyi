@@ -16,6 +16,8 @@ def cross_entropy(
     z_loss: float = ...,
     return_z_loss: bool = ...,
     return_lse: bool = ...,
+    logit_scale: float = ...,
+    softcap: Optional[float] = ...,
 ) -> Union[Tensor, Tuple[Tensor, ...]]: ...
 
 class CrossEntropyLoss(nn.Module):
@@ -26,6 +28,8 @@ class CrossEntropyLoss(nn.Module):
     z_loss: float
     return_z_loss: bool
     return_lse: bool
+    logit_scale: float
+    softcap: Optional[float]
     weight: Optional[Tensor]
     def __init__(
         self,
@@ -40,5 +44,7 @@ class CrossEntropyLoss(nn.Module):
         z_loss: float = ...,
         return_z_loss: bool = ...,
         return_lse: bool = ...,
+        logit_scale: float = ...,
+        softcap: Optional[float] = ...,
     ) -> None: ...
     def forward(self, input: Tensor, target: Tensor) -> Union[Tensor, Tuple[Tensor, ...]]: ...
