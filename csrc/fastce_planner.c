@@ -210,15 +210,13 @@ static int set_transform(ctx *cx, const fce_job *job)
     if (!(s > 0.0 && s <= DBL_MAX) || !(cap >= 0.0 && cap <= DBL_MAX)) return 0;
     if (s == 1.0 && cap == 0.0) return 1;
     const double u = cap > 0.0 ? s / cap : 1.0;
+    /* each factor a normal T, checked before the conversion (a double past T's range
+     * does not convert; a subnormal factor would lose its digits) */
+    const double tmin = FCE_DTYPE == 32 ? FLT_MIN : DBL_MIN, tmax = FCE_DTYPE == 32 ? FLT_MAX : DBL_MAX;
+    if (!(s >= tmin && s <= tmax && u >= tmin && u <= tmax)) return 0;
+    if (cap > 0.0 && !(cap >= tmin && cap <= tmax)) return 0;
     cx->xf = (xfp){1, (T)s, (T)u, (T)cap};
     cx->gfac = s;
-    /* each factor a finite non-zero T (a subnormal one would lose its digits) */
-    const double tmin = FCE_DTYPE == 32 ? FLT_MIN : DBL_MIN;
-    for (int i = 0; i < 3; i++) {
-        double f = i == 0 ? (double)cx->xf.s : i == 1 ? (double)cx->xf.u : (double)cx->xf.cap;
-        if (i == 2 && cap == 0.0) continue;
-        if (!(f >= tmin && isfinite(f))) return 0;
-    }
     return 1;
 }
 

@@ -110,6 +110,28 @@ FCE_INLINE V vselect_eq(VI y, TI c, V a, V b)
 }
 
 /* max(a, b) lane-wise; b when a is NaN (so NaN never becomes the max) */
+/* 1 if every lane of the comparison mask m is set */
+FCE_INLINE int vall(VI m)
+{
+#if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32
+    return _mm512_cmpeq_epi32_mask((__m512i)m, _mm512_set1_epi32(-1)) == 0xffff;
+#elif defined(__AVX512F__) && VB == 64
+    return _mm512_cmpeq_epi64_mask((__m512i)m, _mm512_set1_epi64(-1)) == 0xff;
+#elif defined(__AVX2__) && VB == 32 && FCE_DTYPE == 32
+    return _mm256_movemask_ps((__m256)m) == 0xff;
+#elif defined(__AVX2__) && VB == 32
+    return _mm256_movemask_pd((__m256d)m) == 0xf;
+#elif defined(__SSE2__) && VB == 16 && FCE_DTYPE == 32
+    return _mm_movemask_ps((__m128)m) == 0xf;
+#elif defined(__SSE2__) && VB == 16
+    return _mm_movemask_pd((__m128d)m) == 0x3;
+#else
+    TI all = -1;
+    for (int64_t i = 0; i < L; i++) all &= m[i];
+    return all == -1;
+#endif
+}
+
 FCE_INLINE V vmax(V a, V b)
 {
 #if defined(__AVX512F__) && VB == 64 && FCE_DTYPE == 32

@@ -26,8 +26,8 @@ cross_entropy, cross_entropy_with_grad, log_softmax or logsumexp, with
   inf, wrong shape), reduction (and invalid ones), label_smoothing (and invalid
   ones), ignore_index (and invalid ones), grad_output (scalar, per sample,
   broadcastable, wrong shape), out= (fresh in any layout, out=logits in place,
-  overlapping, read-only, wrong dtype or shape), z_loss, return_z_loss and
-  return_lse (and invalid ones), n_threads, the ISA variant and the tuning knobs;
+  overlapping, read-only, wrong dtype or shape), z_loss, return_z_loss,
+  return_lse, logit_scale and softcap (and invalid ones), n_threads, the ISA variant and the tuning knobs;
 * values: normal at scales 1e-3..1e4, rows offset by a huge common value, and
   entries set to NaN, +-inf, +-huge (1e38 / 1e300, the dtype's max), subnormals, +-0.
 
@@ -334,6 +334,12 @@ def decode_case(data):
                             ([-1.0, np.nan, np.inf, "0.1", True] if d.chance(8) else []))
     case["return_z_loss"] = d.pick([False, False, True] + ([1, None] if d.chance(16) else []))
     case["return_lse"] = d.pick([False, False, True] + ([1] if d.chance(16) else []))
+    # the logit transform, after them (the seeds of before decode as before: the
+    # defaults come first)
+    case["logit_scale"] = d.pick([1.0] * 4 + [0.5, 2.0, 1e-3, 30.0, 1] +
+                                 ([0.0, -1.0, np.nan, "2", 1e39] if d.chance(8) else []))
+    case["softcap"] = d.pick([None] * 4 + [1.0, 15.0, 50.0, 1e-3] +
+                             ([0.0, -2.0, np.inf, True] if d.chance(8) else []))
     return case
 
 
@@ -399,7 +405,8 @@ def materialise(case):
     t, _ = arrange(case["target"], case["target_layout"])
     kw.update(reduction=case["reduction"], label_smoothing=case["label_smoothing"],
               ignore_index=case["ignore_index"])
-    for k, default in (("z_loss", 0.0), ("return_z_loss", False), ("return_lse", False)):
+    for k, default in (("z_loss", 0.0), ("return_z_loss", False), ("return_lse", False),
+                       ("logit_scale", 1.0), ("softcap", None)):
         v = case.get(k, default)
         if not (type(v) is type(default) and v == default):  # the defaults: not passed
             kw[k] = v
@@ -515,15 +522,30 @@ def unit_roundoff(dtype):
     return float(np.finfo(dtype).eps) / 2
 
 
+def transform_scale(kw):
+    """(logit_scale, softcap or 0) of a call whose options are valid."""
+    cap = kw.get("softcap")
+    return float(kw.get("logit_scale", 1.0)), (0.0 if cap is None else float(cap))
+
+
 def error_model(case, args, kw, dtype):
-    """Per-sample absolute error bounds (sample shape) and helpers, in float64."""
+    """Per-sample absolute error bounds (sample shape) and helpers, in float64; xs: the
+    logits as the kernel sees them (logit_scale, softcap applied by their definition:
+    s x, +-inf past the dtype's range, then cap tanh(z / cap)), class axis last."""
     x = np.asarray(args[0]).astype(np.float64)
     ca = 0 if x.ndim == 1 else 1
     C = x.shape[ca]
     xs = np.moveaxis(x, ca, -1)
+    s, cap = transform_scale(kw)
     with np.errstate(all="ignore"):
+        if s != 1.0 or cap:
+            xs = xs * s
+            xs = np.where(np.abs(xs) > float(np.finfo(dtype).max), np.copysign(np.inf, xs), xs)
+            if cap:
+                xs = cap * np.tanh(xs / cap)
         fin = np.where(np.isfinite(xs), np.abs(xs), 0.0)
-        L = (fin.max(axis=-1) if C else np.zeros(xs.shape[:-1])) + math.log(max(C, 1)) + 1.0
+        # (+ cap: the kernel's tanh errs by about 2 ulp of cap)
+        L = (fin.max(axis=-1) if C else np.zeros(xs.shape[:-1])) + math.log(max(C, 1)) + 1.0 + cap
     u = unit_roundoff(dtype)
     base = 32 * u * (L + math.sqrt(C) + 4)          # sample shape
     return base, xs, C, u
@@ -644,8 +666,7 @@ def compare_ce(case, args, kw, fres, rres, fx=(), rx=()):
         zg = zg_err = 0.0
         zper = zmag = np.zeros(sshape)          # the z part's own error and size
         if z > 0:
-            lse = np.abs(np.asarray(fastce.reference.logsumexp(x, axis=0 if x.ndim == 1 else 1),
-                                    np.float64))
+            lse = np.abs(np.asarray(fastce.reference.logsumexp(xs, axis=-1), np.float64))
             # a NaN or infinite lse makes that loss NaN or inf (compared exactly): no
             # tolerance from it, which would spoil a "sum" or "mean"'s
             lse = np.where(np.isfinite(lse), lse, 0.0)
@@ -706,6 +727,8 @@ def compare_ce(case, args, kw, fres, rres, fx=(), rx=()):
         else:
             g0 = 1.0 if go64 is None else float(go64.reshape(()))
             s = np.full(sshape, g0 / den * cond if red == "mean" and den else g0)
+        # the transform's dz/dx = logit_scale sech^2 <= logit_scale times all of it
+        s = s * transform_scale(kw)[0]
         gmag = (2 * W + zg) * np.abs(s)
         gtol = np.moveaxis(np.broadcast_to((base * S * gmag + 4 * zg_err * np.abs(s))[..., None],
                                            xs.shape), -1, cax)

@@ -114,6 +114,46 @@ def torch_truth(logits, target, weight=None, ignore_index=-100,
     return loss.detach().numpy(), g.numpy()
 
 
+def torch_lm_truth(x, t, z, weight=None, ignore_index=-100, reduction="mean",
+                   label_smoothing=0.0, grad_output=None, logit_scale=1.0, softcap=None):
+    """(loss, z part, lse, grad) by torch in float64, for the language-model options: the
+    z-loss z * w_y * logsumexp**2 added to F.cross_entropy, of the logits transformed as
+    softcap * tanh(logit_scale * x / softcap) (logit_scale * x without a softcap); the
+    gradient with respect to x by autograd."""
+    dt = x.dtype
+    cax = 0 if x.ndim == 1 else 1
+    xt = torch.tensor(x.astype(np.float64), requires_grad=True)
+    prob = t.shape == x.shape
+    tt = torch.tensor(t.astype(dt).astype(np.float64) if prob else t.astype(np.int64))
+    w = None if weight is None else torch.tensor(weight.astype(dt).astype(np.float64))
+    zt = xt * logit_scale
+    if softcap is not None:
+        zt = softcap * torch.tanh(zt / softcap)
+    ce = torch.nn.functional.cross_entropy(zt, tt, weight=w, ignore_index=ignore_index, reduction="none",
+                         label_smoothing=label_smoothing)
+    lse = torch.logsumexp(zt, dim=cax)
+    if prob:
+        wy = torch.ones_like(lse)
+    else:
+        kept = tt != ignore_index
+        wy = (torch.ones_like(lse) if w is None else w[torch.where(kept, tt, 0)]) * kept
+    zterm = z * wy * lse ** 2
+    if not prob:
+        zterm = torch.where(kept, zterm, torch.zeros_like(zterm))
+    per = ce + zterm
+    if reduction == "none":
+        loss, zpart = per, zterm
+        go = torch.ones_like(per) if grad_output is None else torch.tensor(grad_output)
+    else:
+        den = float(lse.numel()) if prob else wy.sum()
+        loss, zpart = per.sum(), zterm.sum()
+        if reduction == "mean":
+            loss, zpart = loss / den, zpart / den
+        go = torch.tensor(1.0, dtype=torch.float64)
+    (g,) = torch.autograd.grad(loss, xt, go)
+    return (loss.detach().numpy(), zpart.detach().numpy(), lse.detach().numpy(), g.numpy())
+
+
 def loss_atol(rtol, L, logits, target, weight, reduction, ignore_index=-100):
     """Absolute loss tolerance: rtol * L * (total weight the reduction uses)."""
     x = np.asarray(logits)

@@ -15,7 +15,7 @@ import fastce
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench", "bench.py")
-EAGER = ["fastce", "fastce z-loss", "fastce out=", "fastce in-place", "torch", "numpy-ref", "scipy"]
+EAGER = ["fastce", "fastce z-loss", "fastce softcap+z", "fastce out=", "fastce in-place", "torch", "numpy-ref", "scipy"]
 
 
 def bench_have_cxx():

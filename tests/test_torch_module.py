@@ -212,7 +212,8 @@ def test_constructor_signature_mirrors_torch():
     # fastce's own options come after, keyword-only, off by default
     K = inspect.Parameter.KEYWORD_ONLY
     assert ours[len(theirs):] == [("inplace_backward", K, False), ("z_loss", K, 0.0),
-                                  ("return_z_loss", K, False), ("return_lse", K, False)]
+                                  ("return_z_loss", K, False), ("return_lse", K, False),
+                                  ("logit_scale", K, 1.0), ("softcap", K, None)]
 
 
 @pytest.mark.parametrize("size_average,reduce", [

@@ -18,46 +18,12 @@ import pytest
 import fastce
 import fastce.reference
 from _grad_helpers import (assert_grad_close, grad_scale, logit_bound, make_case, rtol_for,
+                           torch_lm_truth as torch_z_truth,
                            torch_single_thread)  # noqa: F401  (fixture)
 
 torch = pytest.importorskip("torch")
-F = torch.nn.functional
 
 SHAPES = [(7,), (64, 10), (5, 300), (2, 70000), (3, 6, 4)]
-
-
-def torch_z_truth(x, t, z, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, grad_output=None):
-    """(loss, z part, lse, grad) by torch in float64."""
-    dt = x.dtype
-    cax = 0 if x.ndim == 1 else 1
-    xt = torch.tensor(x.astype(np.float64), requires_grad=True)
-    prob = t.shape == x.shape
-    tt = torch.tensor(t.astype(dt).astype(np.float64) if prob else t.astype(np.int64))
-    w = None if weight is None else torch.tensor(weight.astype(dt).astype(np.float64))
-    ce = F.cross_entropy(xt, tt, weight=w, ignore_index=ignore_index, reduction="none",
-                         label_smoothing=label_smoothing)
-    lse = torch.logsumexp(xt, dim=cax)
-    if prob:
-        wy = torch.ones_like(lse)
-    else:
-        kept = tt != ignore_index
-        wy = (torch.ones_like(lse) if w is None else w[torch.where(kept, tt, 0)]) * kept
-    zterm = z * wy * lse ** 2
-    if not prob:
-        zterm = torch.where(kept, zterm, torch.zeros_like(zterm))
-    per = ce + zterm
-    if reduction == "none":
-        loss, zpart = per, zterm
-        go = torch.ones_like(per) if grad_output is None else torch.tensor(grad_output)
-    else:
-        den = float(lse.numel()) if prob else wy.sum()
-        loss, zpart = per.sum(), zterm.sum()
-        if reduction == "mean":
-            loss, zpart = loss / den, zpart / den
-        go = torch.tensor(1.0, dtype=torch.float64)
-    (g,) = torch.autograd.grad(loss, xt, go)
-    return (loss.detach().numpy(), zpart.detach().numpy(), lse.detach().numpy(), g.numpy())
 
 
 def _check(got, truth, x, t, z, kw, dtype):

@@ -19,7 +19,7 @@
 # permuted, unaligned, read-only, broadcast), class-index and probability targets
 # (valid, ignore_index, out of range), weight, reduction, label_smoothing,
 # ignore_index, grad_output, out= (fresh, in place, overlapping, wrong), z_loss,
-# return_z_loss, return_lse, n_threads, the
+# return_z_loss, return_lse, logit_scale, softcap, n_threads, the
 # ISA variant and tuning knobs, and special values (NaN, inf, huge, subnormal). The
 # oracle: no crash, no hang (-timeout per input), only TypeError/ValueError/IndexError
 # and then the same kind from the reference, otherwise the reference's type, dtype,

@@ -642,8 +642,9 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     array([2.41703002, 2.72004952])
     >>> print(round(float(z_part), 10), round(float(loss - z_part), 10))
     0.0006620352 0.3185397696
-    >>> print(fastce.cross_entropy(logits, np.array([0, 1]), logit_scale=0.5, softcap=1.0))
-    0.6087239060616195
+    >>> capped = fastce.cross_entropy(logits, np.array([0, 1]), logit_scale=0.5, softcap=1.0)
+    >>> print(round(float(capped), 10))  # softcap * tanh(logit_scale * logits / softcap)
+    0.7588775578
     """
     if (weight is None and type(z_loss) is float and z_loss == 0.0 and return_z_loss is False
             and return_lse is False and type(logit_scale) is float and logit_scale == 1.0

@@ -82,9 +82,10 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
         p["dzdx"] = np.full(xs.shape, scale)
         if cap:
             with np.errstate(all="ignore"):
-                th = np.tanh(xs / cap)
-            xs = cap * th
-            p["dzdx"] = scale * (1.0 - th ** 2)
+                # d/dz cap tanh(z / cap) = sech^2(z / cap) = 1 / cosh^2 (1 - tanh^2 would
+                # round to 0 where tanh rounds to 1)
+                p["dzdx"] = scale / np.cosh(xs / cap) ** 2
+                xs = cap * np.tanh(xs / cap)
         p["xs"] = xs
     if a.prob:
         p["prob"] = np.moveaxis(t.astype(a.dtype), axis, -1).astype(np.float64)
