@@ -33,7 +33,7 @@ def variants():
 def test_kernel_compiles_without_warnings(isa, tmp_path, openmp):
     if isa != fastce.available_isas()[0]:
         pytest.skip("ISA-independent; compiled once")
-    flags = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fno-math-errno"] + openmp
+    flags = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fno-math-errno", "-fwrapv"] + openmp
     table = variants()
     assert "scalar" in table
     cmds = []
@@ -68,7 +68,7 @@ def compile_all(cmds):
 def test_baseline_variants_have_no_avx(isa, tmp_path):
     if isa != fastce.available_isas()[0]:
         pytest.skip("ISA-independent; compiled once")
-    flags = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno", "-fopenmp"]
+    flags = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno", "-fwrapv", "-fopenmp"]
     table = variants()
     objs = {(name, dtype): tmp_path / f"k_{name}_{dtype}.o"
             for name in ("scalar", "sse2", "avx2") for dtype in ("32", "64")}
