@@ -93,13 +93,14 @@ class BuildExt(build_ext):
             import warnings
             warnings.warn(f"fastce built without OpenMP: {why}")
         # the compilations, each (source, output dir, macros, flags): the paths once per
-        # (ISA, dtype) with that ISA's flags, the planner once per dtype, the dispatcher
+        # (ISA, dtype) with that ISA's flags, the planner once per dtype, the dispatcher and
+        # the shard states once
         jobs = [("fastce_kernel.c", f"kernel_{isa}_f{dtype}",
                  [("FCE_DTYPE", str(dtype)), ("FCE_ISA", isa)], flags)
                 for isa, flags in VARIANTS.items() for dtype in (32, 64)]
         jobs += [("fastce_planner.c", f"planner_f{dtype}", [("FCE_DTYPE", str(dtype))], [])
                  for dtype in (32, 64)]
-        jobs += [("fastce_dispatch.c", "", [], [])]
+        jobs += [("fastce_dispatch.c", "", [], []), ("fastce_shards.c", "", [], [])]
 
         def compile_one(job):
             src, out, macros, flags = job
@@ -125,11 +126,12 @@ class BuildExt(build_ext):
 extensions = [
     Extension(
         "fastce._core",
-        sources=["src/fastce/_core.pyx"],  # which includes src/fastce/_args.pxi
+        sources=["src/fastce/_core.pyx"],  # which includes src/fastce/_args.pxi, _shards.pxi
         include_dirs=[CSRC, numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        depends=HEADERS + ["src/fastce/_args.pxi"] + [os.path.join(CSRC, f) for f in
-                           ("fastce_kernel.c", "fastce_planner.c", "fastce_dispatch.c", "variants.txt")],
+        depends=HEADERS + ["src/fastce/_args.pxi", "src/fastce/_shards.pxi"] + [os.path.join(CSRC, f) for f in
+                           ("fastce_kernel.c", "fastce_planner.c", "fastce_dispatch.c", "fastce_shards.c",
+                            "variants.txt")],
     )
 ]
 

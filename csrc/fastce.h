@@ -40,8 +40,28 @@ typedef enum {
 typedef enum {
     FCE_OP_LOSS = 0,        /* cross-entropy loss (and optionally its gradient) */
     FCE_OP_LOGSUMEXP = 1,   /* per-sample log-sum-exp over the classes -> lse_out */
-    FCE_OP_LOG_SOFTMAX = 2  /* x - logsumexp(x) -> out (same geometry as grad) */
+    FCE_OP_LOG_SOFTMAX = 2, /* x - logsumexp(x) -> out (same geometry as grad) */
+    FCE_OP_STATE = 3        /* the log-sum-exp state of a class shard -> state_out */
 } fce_op;
+
+/* Vocabulary shards. A job may cover classes [class_offset, class_offset + n_classes)
+ * of rows of n_classes_total classes (rows layout, class-index targets): FCE_OP_STATE
+ * writes each sample's state over its shard; fce_state_combine merges the shards'
+ * states; FCE_OP_LOSS with state_in then gives the loss of the whole rows and this
+ * shard's gradient. A state is FCE_STATE_LEN doubles per sample: */
+enum {
+    FCE_ST_M = 0,   /* the largest logit (NaN ignored; -inf if none finite) */
+    FCE_ST_S,       /* sum of exp(z - k), k = M, or 0 if M is -inf */
+    FCE_ST_D,       /* sum of q_c (k - z_c) (smoothing; q_c the class weight or 1) */
+    FCE_ST_Q,       /* sum of q_c */
+    FCE_ST_N,       /* the part of S from shards that do not hold the target */
+    FCE_ST_T,       /* the target's logit z_y in the shard that holds it, else 0 */
+    FCE_ST_H,       /* 1 in the shard that holds the target, else 0 */
+    FCE_ST_NAN,     /* 1 if a logit is NaN, else 0 */
+    FCE_STATE_LEN
+};
+/* z as the job's logit transform makes it (below); every field but M, S, D, Q, N adds
+ * over shards; with all states taken to one M (fce_state_rescale), all but M do. */
 
 typedef struct {
     /* what to compute */
@@ -90,6 +110,14 @@ typedef struct {
                                   as the loss ("sum": its sum; "mean": over the loss's
                                   denominator), from the lses written */
 
+    /* vocabulary shards (see above): n_classes_total 0 for an unsharded job; targets
+     * index the whole range, weight has n_classes_total entries, smoothing spreads over
+     * them all */
+    int64_t class_offset, n_classes_total;
+    double *state_out;         /* FCE_OP_STATE: FCE_STATE_LEN doubles per sample */
+    const double *state_in;    /* FCE_OP_LOSS of a shard: the combined states; x is read
+                                  only for the gradient (may be NULL without one) */
+
     int n_threads;             /* <= 0: let the kernel choose */
 
     /* error report */
@@ -100,6 +128,14 @@ typedef struct {
 /* Run a job on the instruction set currently selected. */
 int fce_run_f32(fce_job *job);
 int fce_run_f64(fce_job *job);
+
+/* Shard states (FCE_STATE_LEN doubles per sample). combine: out[s] = the merge of
+ * states[0][s], ..., states[n_states - 1][s] in that order (states: n_states runs of
+ * n_samples states; out may be states[0]). rescale: each state taken to the max m[s]
+ * (m[s] >= its own M), so that summing the rescaled states of every shard field by
+ * field (M excepted: it is m) is their merge, as an all-reduce does it. */
+void fce_state_combine(const double *states, int64_t n_states, int64_t n_samples, double *out);
+void fce_state_rescale(double *states, int64_t n_samples, const double *m);
 
 /* Instruction sets: names "scalar", "sse2", "avx2", "avx512", "neon".
  * fce_isa_best() is the fastest variant for this CPU (not always the widest). */

@@ -36,12 +36,12 @@ static int check_targets(const ctx *cx, int64_t s0, int64_t s1, double *wsum,
     for (int64_t s = s0; s < s1; s++) {
         int64_t y = job->target[s];
         if (y == job->ignore_index) continue;
-        if (y < 0 || y >= cx->C) {
+        if (y < 0 || y >= cx->Ct) {
             *bad_pos = s;
             *bad_val = y;
             return 0;
         }
-        acc += cx->w ? (double)cx->w[y] : 1.0;
+        acc += cx->w ? (double)cx->w[y - cx->off] : 1.0;
     }
     *wsum = acc;
     return 1;
@@ -105,6 +105,64 @@ static void finish_long_row(ctx *cx, const paths *pt, int64_t r)
         finish_sample(cx, r, st, log(st->s), smp, cx->x + r * job->outer_stride, 1);
 }
 
+/* A shard's job, FCE_OP_STATE: merge row r's segment states and write the row's
+ * state over the shard (fastce.h) */
+static void write_shard_state(ctx *cx, const paths *pt, int64_t r)
+{
+    const fce_job *job = cx->job;
+    fce_state *st = &cx->states[r * cx->nseg];
+    for (int64_t i = 1; i < cx->nseg; i++) fce_state_merge(st, &st[i]);
+    const T *x = cx->x + r * job->outer_stride;
+    double *out = job->state_out + r * FCE_STATE_LEN;
+    const int64_t y = job->target[r];
+    const int here = y != job->ignore_index && y - cx->off >= 0 && y - cx->off < cx->C;
+    double dy;
+    out[FCE_ST_M] = st->m;
+    out[FCE_ST_S] = st->s;
+    out[FCE_ST_D] = st->d;
+    out[FCE_ST_Q] = st->q;
+    out[FCE_ST_N] = here ? 0.0 : st->s;
+    out[FCE_ST_T] = !here ? 0.0
+                    : cx->xf.on ? (double)pt->xform1(cx->xf, x[y - cx->off], &dy)
+                                : (double)x[y - cx->off];
+    out[FCE_ST_H] = here;
+    /* s is NaN with a NaN logit, or with a +inf one (inf - inf): which, only the
+     * logits tell */
+    out[FCE_ST_NAN] = st->s != st->s && any_nan(x, 1, cx->C);
+}
+
+/* A shard's job, FCE_OP_LOSS with state_in: row r's combined state into the
+ * context (a NaN logit in any shard made the max NaN: every output is then NaN, as
+ * the unsharded job's) and the row finished from it, the target's sech^2 taken here
+ * when this shard holds the target and a gradient is written */
+static void finish_row_from_state(ctx *cx, const paths *pt, int64_t r)
+{
+    const fce_job *job = cx->job;
+    const double *in = job->state_in + r * FCE_STATE_LEN;
+    sample *smp = &cx->smps[r];
+    fce_state *st = &cx->states[r * cx->nseg];
+    *st = (fce_state){in[FCE_ST_NAN] > 0 ? NAN : in[FCE_ST_M], in[FCE_ST_S], in[FCE_ST_D],
+                      in[FCE_ST_Q]};
+    cx->partials[r * cx->nseg] = 0.0;
+    if (!sample_target(cx, r, smp)) {
+        if (job->lse_out) ((T *)job->lse_out)[r] = (T)state_lse(cx, st, log(st->s), NULL, 0);
+        return;
+    }
+    smp->xy = in[FCE_ST_T];
+    if (cx->want_out && cx->xf.on && target_here(cx, smp))
+        (void)pt->xform1(cx->xf, cx->x[r * job->outer_stride + smp->y], &smp->dy);
+    cx->partials[r * cx->nseg] = finish_sample(cx, r, st, log(st->s), smp, NULL, 0);
+}
+
+/* 0 unless every kept sample's combined state has its target from exactly one shard */
+static int states_complete(const fce_job *job, int64_t n)
+{
+    for (int64_t s = 0; s < n; s++)
+        if (job->target[s] != job->ignore_index && job->state_in[s * FCE_STATE_LEN + FCE_ST_H] != 1.0)
+            return 0;
+    return 1;
+}
+
 /* A weighted "mean" over target weights summing to a tiny W (below ~1e-38 in
  * float32, ~1e-300 in float64) has factors past the range: gs = grad_output / W (a
  * double) and, with smoothing, c2 = gs eps / C (the dtype's); gradient entries would
@@ -129,11 +187,12 @@ static int scale_weights(ctx *cx, double *wden, T **copy)
         if (e2 > e) e = e2;
     }
     if (e <= 0) return 1;
-    T *w = malloc((size_t)cx->C * sizeof(T));
+    T *w = malloc((size_t)cx->Ct * sizeof(T));
     if (!w) return 0;
-    for (int64_t c = 0; c < cx->C; c++) w[c] = (T)ldexp((double)cx->w[c], e);
+    const T *w0 = cx->w - cx->off; /* every class's (a shard's job has them all) */
+    for (int64_t c = 0; c < cx->Ct; c++) w[c] = (T)ldexp((double)w0[c], e);
     *copy = w;
-    cx->w = w;
+    cx->w = w + cx->off;
     *wden = ldexp(W, e);
     cx->gscale = go / *wden;
     return 1;
@@ -230,8 +289,12 @@ int NAME(fce_run)(fce_job *job)
     cx.op = job->op;
     cx.reduction = job->reduction;
     cx.C = job->n_classes;
+    /* a vocabulary shard: every op but STATE, and every layout but rows, is refused */
+    const int sharded = job->n_classes_total != 0 || job->op == FCE_OP_STATE || job->state_in;
+    cx.off = sharded ? job->class_offset : 0;
+    cx.Ct = sharded && job->n_classes_total ? job->n_classes_total : cx.C;
     cx.x = (const T *)job->x;
-    cx.w = (const T *)job->weight;
+    cx.w = job->weight ? (const T *)job->weight + cx.off : NULL;
     cx.p = (const T *)job->prob;
     cx.g = (T *)job->grad;
     cx.want_out = job->grad != NULL;
@@ -243,7 +306,7 @@ int NAME(fce_run)(fce_job *job)
     cx.stream = cx.want_out && job->grad != job->x &&
                 job->n_classes * (int64_t)sizeof(T) >= FCE_STREAM_ROW_BYTES &&
                 job->n_outer * job->n_classes * job->n_inner * (int64_t)sizeof(T) >= FCE_STREAM_BYTES;
-    cx.has_y = job->op == FCE_OP_LOSS && job->target != NULL;
+    cx.has_y = (job->op == FCE_OP_LOSS || job->op == FCE_OP_STATE) && job->target != NULL;
     const int64_t C = cx.C, N = job->n_outer, D = job->n_inner;
     const int64_t n_samples = N * D;
     job->loss_reduced = 0.0;
@@ -251,14 +314,21 @@ int NAME(fce_run)(fce_job *job)
     job->z_reduced = 0.0;
     if (C <= 0) return FCE_ERR_ARG;
     if (!set_transform(&cx, job)) return FCE_ERR_ARG;
+    if (sharded &&
+        (cx.off < 0 || cx.Ct < C || cx.off > cx.Ct - C || !job->target || job->prob ||
+         (job->op == FCE_OP_STATE ? !job->state_out || job->state_in
+                                  : job->op != FCE_OP_LOSS || !job->state_in) ||
+         (!job->x && (job->op == FCE_OP_STATE || job->grad))))
+        return FCE_ERR_ARG;
+    if (!sharded && job->state_out) return FCE_ERR_ARG;
 
-    if (job->op == FCE_OP_LOSS) {
+    if (job->op == FCE_OP_LOSS || job->op == FCE_OP_STATE) {
         if (!(job->z_loss >= 0.0 && job->z_loss <= DBL_MAX)) return FCE_ERR_ARG;
         cx.z = job->z_loss;
         double eps = job->label_smoothing;
         if (cx.has_y) {
             cx.a0 = 1.0 - eps;
-            cx.b = eps / (double)C;
+            cx.b = eps / (double)cx.Ct;
             cx.qmode = eps > 0 ? (cx.w ? Q_W : Q_ONE) : Q_NONE;
         } else if (cx.p) {
             cx.a0 = 0.0;
@@ -282,6 +352,8 @@ int NAME(fce_run)(fce_job *job)
     if (cx.p && cols && job->prob_inner_stride != 1) return FCE_ERR_ARG;
     if (cx.g && rows && job->grad_class_stride != 1) return FCE_ERR_ARG;
     if (cx.g && cols && job->grad_inner_stride != 1) return FCE_ERR_ARG;
+    if (sharded && !rows) return FCE_ERR_ARG;
+    if (job->state_in && !states_complete(job, n_samples)) return FCE_ERR_ARG;
 
     /* The mean's denominator must be known before gradients are written. */
     if (cx.has_y || cx.p) {
@@ -303,7 +375,8 @@ int NAME(fce_run)(fce_job *job)
     T *wscaled = NULL;
     if (!scale_weights(&cx, &wden, &wscaled)) return FCE_ERR_NOMEM;
     double no_weight_mean = 0.0;
-    if (cx.has_y && job->reduction == FCE_REDUCE_MEAN && job->weight_total == 0.0 &&
+    if (cx.has_y && job->op == FCE_OP_LOSS && job->reduction == FCE_REDUCE_MEAN &&
+        job->weight_total == 0.0 &&
         n_samples > 0) {
         int st = mean_over_no_weight(job, &no_weight_mean);
         if (st != FCE_OK || (!cx.want_out && !job->lse_out)) {
@@ -318,7 +391,11 @@ int NAME(fce_run)(fce_job *job)
     int64_t n_items;
     item_fn fn;
     const int64_t G = pt->group, rs = job->outer_stride;
-    if (rows && cx.nseg == 1) {
+    if (sharded) {
+        /* as long rows: the state of each segment, then the output from the row's */
+        n_items = N * cx.nseg;
+        fn = pt->segment_stats;
+    } else if (rows && cx.nseg == 1) {
         cx.per_item = FCE_ITEM_ELEMS / C;
         if (C <= FCE_SMALL_C) cx.per_item = (cx.per_item + G - 1) / G * G;
         if (cx.per_item < 1) cx.per_item = 1;
@@ -365,7 +442,12 @@ int NAME(fce_run)(fce_job *job)
         goto done;
     }
 
-    if (fn != pt->segment_stats) {
+    if (job->op == FCE_OP_STATE) {
+        for_items(nt, 0, n_items, 0, fn, &cx);
+        for (int64_t r = 0; r < N; r++) write_shard_state(&cx, pt, r);
+    } else if (job->state_in && !cx.want_out) {
+        for (int64_t r = 0; r < N; r++) finish_row_from_state(&cx, pt, r);
+    } else if (fn != pt->segment_stats) {
         for_items(nt, 0, n_items, 0, fn, &cx);
     } else if (!cx.want_out) {
         for_items(nt, 0, n_items, 0, fn, &cx);
@@ -377,14 +459,23 @@ int NAME(fce_run)(fce_job *job)
         int64_t group = nt > cx.nseg ? nt / cx.nseg : 1;
         for (int64_t r0 = 0; r0 < N; r0 += group) {
             int64_t r1 = r0 + group < N ? r0 + group : N;
-            for_items(nt, r0 * cx.nseg, r1 * cx.nseg, 1, pt->segment_stats, &cx);
-            for (int64_t r = r0; r < r1; r++) finish_long_row(&cx, pt, r);
+            if (job->state_in) {
+                for (int64_t r = r0; r < r1; r++) finish_row_from_state(&cx, pt, r);
+            } else {
+                for_items(nt, r0 * cx.nseg, r1 * cx.nseg, 1, pt->segment_stats, &cx);
+                for (int64_t r = r0; r < r1; r++) finish_long_row(&cx, pt, r);
+            }
             for_items(nt, r0 * cx.nseg, r1 * cx.nseg, 1, pt->segment_write, &cx);
             /* after every segment is written (out may alias x) */
             for (int64_t r = r0; r < r1 && cx.has_y && cx.op == FCE_OP_LOSS; r++) {
-                if (cx.smps[r].ignored) continue;
+                if (cx.smps[r].ignored || !target_here(&cx, &cx.smps[r])) continue;
+                /* the other classes' softmax mass: this shard's written, the shards'
+                 * without the target from their sum of exps N (with the row's S) */
                 double others = 0.0;
                 for (int64_t i = 0; i < cx.nseg; i++) others += cx.mass[r * cx.nseg + i];
+                if (job->state_in)
+                    others += job->state_in[r * FCE_STATE_LEN + FCE_ST_N] /
+                              job->state_in[r * FCE_STATE_LEN + FCE_ST_S];
                 cx.g[r * job->grad_outer_stride + cx.smps[r].y] =
                     target_grad(&cx, &cx.smps[r], cx.states[r * cx.nseg].q, others,
                                 target_prob(&cx.smps[r]));
@@ -393,7 +484,8 @@ int NAME(fce_run)(fce_job *job)
     }
 
     double total = 0.0;
-    for (int64_t it = 0; it < n_items; it += fn == pt->segment_stats ? cx.nseg : 1)
+    for (int64_t it = 0; it < n_items && job->op != FCE_OP_STATE;
+         it += fn == pt->segment_stats ? cx.nseg : 1)
         total += cx.partials[it];
     job->loss_reduced = job->reduction != FCE_REDUCE_MEAN ? total
                         : job->weight_total == 0.0 ? (cx.has_y ? no_weight_mean : NAN)

@@ -77,8 +77,10 @@ struct NAME(fce_ctx) {
     int stream;          /* write the output with non-temporal stores */
     fce_tuning tune;     /* per CPU, chosen at run time (fastce_dispatch.c) */
     int64_t C;
+    int64_t off, Ct;     /* a vocabulary shard: classes [off, off + C) of Ct (0, C unsharded) */
     const T *x;
-    const T *w;
+    const T *w;          /* the class weights of x's classes: w[c] for c in [0, C); for a
+                            shard, w[y - off] is any target y's (the job's weight has Ct) */
     const T *p;
     T *g;
     T pa, pb;            /* q from probabilities: (pa p + pb) (* w) */
@@ -107,7 +109,8 @@ struct NAME(fce_ctx) {
 /* Everything a sample needs after its state is known. */
 struct sample {
     int ignored;
-    int64_t y;
+    int64_t y;                 /* the target's class in x (y - off of a shard's target:
+                                  outside [0, C) where another shard holds it) */
     double xy, a, k, ls, gs;   /* gs: the upstream gradient scale of this sample */
     double zw, zc;             /* z-loss: its weight z w_y, its c1 term 2 zw lse (0 without) */
     double dy;                 /* the target's sech^2 factor (softcap; 1 without) */
@@ -142,12 +145,13 @@ static inline int sample_target(const ctx *cx, int64_t s, sample *smp)
     smp->dy = 1.0;
     if (!cx->has_y) return 1;
     int64_t y = cx->job->target[s];
-    smp->y = y;
     if (y == cx->job->ignore_index) {
         smp->ignored = 1;
         if (cx->job->loss_out) ((T *)cx->job->loss_out)[s] = 0;
         return 0;
     }
+    y -= cx->off;
+    smp->y = y;
     if (cx->w) {
         smp->a = cx->a0 * (double)cx->w[y];
         smp->zw = cx->z * (double)cx->w[y];
@@ -155,13 +159,20 @@ static inline int sample_target(const ctx *cx, int64_t s, sample *smp)
     return 1;
 }
 
+/* 1 if x holds sample smp's target class (not so where another shard holds it) */
+static inline int target_here(const ctx *cx, const sample *smp)
+{
+    return smp->y >= 0 && smp->y < cx->C;
+}
+
 /* The log-sum-exp k + ls of a sample with state st, as torch's logsumexp: a +inf
  * logit gives +inf (not the NaN of inf - inf), unless a NaN is there. x, stride: the
- * sample's logits (read only in the +inf case). */
+ * sample's logits (read only in the +inf case), or NULL for a state combined from
+ * shards (a NaN is then in st->m, see the planner). */
 static inline double state_lse(const ctx *cx, const fce_state *st, double ls, const T *x,
                                int64_t stride)
 {
-    if (st->m == INFINITY) return any_nan(x, stride, cx->C) ? NAN : INFINITY;
+    if (st->m == INFINITY) return x && any_nan(x, stride, cx->C) ? NAN : INFINITY;
     return fce_shift(st->m) + ls;
 }
 

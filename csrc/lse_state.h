@@ -18,17 +18,23 @@ typedef struct {
 
 static inline double fce_shift(double m) { return m == -INFINITY ? 0.0 : m; }
 
+/* A sum of exps s shifted by k0 taken to shift k (k >= k0). A zero s is not rescaled,
+ * so 0 * exp(+huge) never makes a NaN. */
+static inline double fce_reshift(double s, double k0, double k)
+{
+    return (s == 0.0 || k0 == k) ? s : s * exp(k0 - k);
+}
+
 /* a <- a merged with b (b holds classes after a's, for a fixed merge order).
  * With M = max(m_a, m_b), k = shift(M):
  *   s = s_a exp(k_a - k) + s_b exp(k_b - k)
- *   d = d_a + q_a (k - k_a) + d_b + q_b (k - k_b)      (all terms >= 0)
- * A zero s is not rescaled, so 0 * exp(+huge) never makes a NaN. */
+ *   d = d_a + q_a (k - k_a) + d_b + q_b (k - k_b)      (all terms >= 0) */
+
 static inline void fce_state_merge(fce_state *a, const fce_state *b)
 {
     double m = b->m > a->m ? b->m : a->m;
     double k = fce_shift(m), ka = fce_shift(a->m), kb = fce_shift(b->m);
-    double sa = (a->s == 0.0 || ka == k) ? a->s : a->s * exp(ka - k);
-    double sb = (b->s == 0.0 || kb == k) ? b->s : b->s * exp(kb - k);
+    double sa = fce_reshift(a->s, ka, k), sb = fce_reshift(b->s, kb, k);
     a->d = a->d + b->d + a->q * (k - ka) + b->q * (k - kb);
     a->q += b->q;
     a->s = sa + sb;

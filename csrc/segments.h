@@ -15,7 +15,8 @@ static void item_segment_stats(const ctx *cx, int64_t it, int tid)
     const fce_job *job = cx->job;
     int64_t r = it / cx->nseg, c0 = (it % cx->nseg) * cx->seg;
     int64_t len = cx->C - c0 < cx->seg ? cx->C - c0 : cx->seg;
-    if (cx->has_y && job->target[r] == job->ignore_index && !job->lse_out) {
+    if (cx->op == FCE_OP_LOSS && cx->has_y && job->target[r] == job->ignore_index &&
+        !job->lse_out) {
         cx->states[it] = (fce_state){-INFINITY, 0.0, 0.0, 0.0};
         return;
     }

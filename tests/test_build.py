@@ -45,8 +45,9 @@ def test_kernel_compiles_without_warnings(isa, tmp_path, openmp):
     for dtype in ("32", "64"):
         cmds.append(["cc", *flags, f"-DFCE_DTYPE={dtype}", "-c",
                      os.path.join(CSRC, "fastce_planner.c"), "-o", str(tmp_path / f"planner_{dtype}.o")])
-    cmds.append(["cc", *flags, "-c", os.path.join(CSRC, "fastce_dispatch.c"),
-                 "-o", str(tmp_path / "dispatch.o")])
+    for once in ("fastce_dispatch.c", "fastce_shards.c"):
+        cmds.append(["cc", *flags, "-c", os.path.join(CSRC, once),
+                     "-o", str(tmp_path / once.replace(".c", ".o"))])
     compile_all(cmds)
 
 

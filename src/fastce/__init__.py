@@ -9,7 +9,9 @@ OpenMP threads) that reads each sample's logits once:
 0.3185397696491857
 
 Public API: :func:`cross_entropy`, :func:`cross_entropy_with_grad`,
-:func:`log_softmax`, :func:`logsumexp`; the slow pure-NumPy twin in
+:func:`log_softmax`, :func:`logsumexp`; a vocabulary-parallel loss over class
+shards (:func:`lse_partial`, :func:`lse_combine`, :func:`shard_cross_entropy`,
+:func:`shard_cross_entropy_with_grad`); the slow pure-NumPy twin in
 :mod:`fastce.reference`; a PyTorch autograd drop-in in :mod:`fastce.torch`
 (imported on demand); :func:`available_isas`, :func:`get_isa`,
 :func:`set_isa`, :func:`use_isa`, :func:`best_isa`, :func:`isa_reason`,
@@ -29,6 +31,11 @@ from ._core import (
     log_softmax,
     logsumexp,
     set_isa,
+    STATE_FIELDS,
+    lse_partial,
+    lse_combine,
+    shard_cross_entropy,
+    shard_cross_entropy_with_grad,
 )
 from ._core import _build_info
 
@@ -39,6 +46,11 @@ __all__ = [
     "cross_entropy_with_grad",
     "log_softmax",
     "logsumexp",
+    "lse_partial",
+    "lse_combine",
+    "shard_cross_entropy",
+    "shard_cross_entropy_with_grad",
+    "STATE_FIELDS",
     "available_isas",
     "get_isa",
     "set_isa",

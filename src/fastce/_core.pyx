@@ -42,6 +42,9 @@ cdef extern from "fastce.h" nogil:
         void *lse_out
         void *z_out
         double z_reduced
+        int64_t class_offset, n_classes_total
+        double *state_out
+        const double *state_in
         int n_threads
         int64_t bad_position
         int64_t bad_value
@@ -64,6 +67,11 @@ cdef extern from "fastce.h" nogil:
     int fce_forked_single()
     void fce_exp_f32(const float *x, float *y, int64_t n)
     void fce_exp_f64(const double *x, double *y, int64_t n)
+    enum:  # the fields of a shard's state (fastce.h)
+        FCE_ST_M, FCE_ST_S, FCE_ST_D, FCE_ST_Q, FCE_ST_N, FCE_ST_T, FCE_ST_H, FCE_ST_NAN
+        FCE_STATE_LEN
+    void fce_state_combine(const double *states, int64_t n_states, int64_t n_samples, double *out)
+    void fce_state_rescale(double *states, int64_t n_samples, const double *m)
 
 cdef extern from *:
     """
@@ -88,6 +96,7 @@ cdef enum:
     FCE_OP_LOSS = 0
     FCE_OP_LOGSUMEXP = 1
     FCE_OP_LOG_SOFTMAX = 2
+    FCE_OP_STATE = 3
 
 _INT64_MAX = 2 ** 63 - 1
 _COLS_MAX_C = 1024  # FCE_COLS_MAX_C in csrc/fastce_internal.h
@@ -426,17 +435,37 @@ cdef object _fast_loss(logits, target, ignore_index, reduction, label_smoothing,
     return dt.type(job.loss_reduced)
 
 
+cdef object _index_targets(t, int64_t C, ignore_index):
+    """Class-index targets as the kernel reads them: C-contiguous aligned int64 (t itself
+    when it is so). A uint64 index past int64 is reported here (IndexError), before the
+    conversion could wrap it."""
+    if t.dtype == np.uint64 and t.size and C <= _INT64_MAX:
+        big = t >= np.uint64(C)
+        if 0 <= ignore_index <= 2 ** 64 - 1:
+            big &= t != np.uint64(ignore_index)
+        if big.any():
+            pos = int(np.flatnonzero(big.ravel())[0])
+            _raise_bad_target(int(t.ravel()[pos]), pos, t.shape, C, ignore_index)
+    if (t.dtype is _I64 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>t)
+            and cnp.PyArray_ISALIGNED(<cnp.ndarray>t)):
+        return t
+    return np.require(t.reshape(-1), dtype=np.int64, requirements=["C", "A"])  # aligned
+
+
 cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, tuple lm=(0.0, 1.0, 0.0),
-                           bint want_z=False, bint want_lse=False):
+                           bint want_z=False, bint want_lse=False, tuple shard=None):
     """The kernel's call: loss, or (loss, grad); with want_z / want_lse, a tuple with
     the z-loss part and / or the per-sample log-sum-exp appended, in that order.
-    lm: (z_loss, logit_scale, softcap) as lm_options returns them."""
+    lm: (z_loss, logit_scale, softcap) as lm_options returns them. shard: (class_start,
+    num_classes, state) for a vocabulary shard's loss and gradient from the combined
+    state (_shards.pxi; a.w then holds every class's weight)."""
     cdef fce_job job
     memset(&job, 0, sizeof(job))
     x, t, w, go, o, dtype = a.x, a.t, a.w, a.go, a.out, a.dtype
     cdef bint f32 = dtype is _F32 or dtype == _F32
     cdef int axis = a.axis
     cdef int64_t C = a.C
+    cdef int64_t C_all = C if shard is None else shard[1]  # the range of the targets
     cdef bint prob = a.prob, inplace = a.inplace
     ignore_index = a.ignore_index
     sample_shape = a.sample_shape
@@ -464,18 +493,7 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, tuple 
         job.prob_inner_stride = 1
         job.target = NULL
     else:
-        if t.dtype == np.uint64 and t.size and C <= _INT64_MAX:
-            big = t >= np.uint64(C)
-            if 0 <= ignore_index <= 2 ** 64 - 1:
-                big &= t != np.uint64(ignore_index)
-            if big.any():
-                pos = int(np.flatnonzero(big.ravel())[0])
-                _raise_bad_target(int(t.ravel()[pos]), pos, t.shape, C, ignore_index)
-        if (t.dtype is _I64 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>t)
-                and cnp.PyArray_ISALIGNED(<cnp.ndarray>t)):
-            tt = t
-        else:
-            tt = np.require(t.reshape(-1), dtype=np.int64, requirements=["C", "A"])  # aligned
+        tt = _index_targets(t, C_all, ignore_index)
         job.target = <const int64_t *>cnp.PyArray_DATA(<cnp.ndarray>tt)
         job.prob = NULL
     job.ignore_index = ignore_index
@@ -485,6 +503,10 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, tuple 
     job.reduction = a.red
     job.n_threads = _threads(n_threads)
     job.z_loss, job.logit_scale, job.softcap = lm
+    if shard is not None:
+        job.class_offset = shard[0]
+        job.n_classes_total = shard[1]
+        job.state_in = <const double *>cnp.PyArray_DATA(<cnp.ndarray>shard[2])
     cdef object lse = None, z_out = None
     job.lse_out = NULL
     job.z_out = NULL
@@ -526,7 +548,7 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, tuple 
         _set_grad_geometry(&job, glay)
 
     if _run(&job, f32) == FCE_ERR_TARGET:
-        _raise_bad_target(job.bad_value, job.bad_position, t.shape, C, ignore_index)
+        _raise_bad_target(job.bad_value, job.bad_position, t.shape, C_all, ignore_index)
 
     if a.red == FCE_REDUCE_NONE:
         loss = loss_out
@@ -805,3 +827,6 @@ def logsumexp(logits, axis=-1, *, n_threads=None):
     1000.6931471805599
     """
     return _lse_op(logits, axis, FCE_OP_LOGSUMEXP, n_threads)
+
+
+include "_shards.pxi"
