@@ -229,3 +229,41 @@ def make_case(rng, shape, dtype, *, ignore=None, ignore_index=-100,
         mask = rng.random(bshape) < ignore
         t = np.where(mask, ignore_index, t)
     return x, np.asarray(t, dtype=np.int64)
+
+
+def transformed(x, logit_scale=1.0, softcap=None):
+    z = x.astype(np.float64) * logit_scale
+    return z if softcap is None else softcap * np.tanh(z / softcap)
+
+
+def check_lm(got, truth, x, t, kw, dtype):
+    """got = (loss, grad[, z part], lse) against torch_lm_truth's, with the tolerances
+    argued in tests/test_transform.py's docstring (kw: the call's options)."""
+    loss, grad, lse = got[0], got[1], got[-1]
+    tl, tz, tlse, tg = truth
+    C = x.shape[0 if x.ndim == 1 else 1]
+    s, cap, z = kw.get("logit_scale", 1.0), kw.get("softcap"), kw.get("z_loss", 0.0)
+    L = logit_bound(transformed(x, s, cap), C) + (cap or 0.0)
+    rtol = rtol_for(dtype, C, L)
+    lmax = float(np.abs(tlse[np.isfinite(tlse)]).max(initial=0.0))
+    w = kw.get("weight")
+    wmax = 1.0 if w is None else float(np.abs(w).max())
+    n = x.size // C
+    atol = rtol * L * (1 + 2 * z * lmax) * wmax * (n if kw.get("reduction") == "sum" else 1)
+    assert np.asarray(loss).dtype == dtype and lse.dtype == dtype
+    np.testing.assert_allclose(np.float64(loss), tl, rtol=rtol, atol=atol)
+    if len(got) == 4:
+        np.testing.assert_allclose(np.float64(got[2]), tz, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(lse.astype(np.float64), tlse, rtol=rtol, atol=rtol * L)
+    scale = grad_scale(x, t, w, kw.get("reduction", "mean"), kw.get("ignore_index", -100),
+                       kw.get("grad_output")) * (1 + 2 * z * lmax) * s
+    assert_grad_close(grad, tg, rtol, scale)
+
+
+def assert_both_raise(mod, x, t, bad, exc, message):
+    """mod.cross_entropy and mod.cross_entropy_with_grad(x, t, **bad) both raise exc with
+    exactly message."""
+    for fn in (mod.cross_entropy, mod.cross_entropy_with_grad):
+        with pytest.raises(exc) as info:
+            fn(x, t, **bad)
+        assert str(info.value) == message

@@ -77,7 +77,7 @@ import torch
 
 import fastce as _fastce
 
-__all__ = ["cross_entropy", "CrossEntropyLoss"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "vocab_parallel_cross_entropy"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -423,3 +423,8 @@ class CrossEntropyLoss(torch.nn.Module):
             if getattr(self, k) != default)
         return "reduction=%r, ignore_index=%r, label_smoothing=%r%s" % (
             self.reduction, self.ignore_index, self.label_smoothing, extra)
+
+
+# the vocabulary-parallel loss over torch.distributed (its own module; it uses the
+# helpers above)
+from ._torch_vocab_parallel import vocab_parallel_cross_entropy  # noqa: E402
