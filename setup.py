@@ -26,9 +26,10 @@ CSRC = "csrc"
 HEADERS = [os.path.join(CSRC, h) for h in sorted(os.listdir(os.path.join(HERE, CSRC)))
            if h.endswith(".h")]
 # -fwrapv as CPython's own build has it (a wheel build's CFLAGS replace Python's OPT,
-# which carries it): without it the scalar float32 variant's softcap gradient came out
-# wrong in CI's wheel (2026-12-02; the signed overflow behind it not found yet: see the
-# README's known limits)
+# which carries it). The kernel has no signed overflow; GCC 12 did miscompile the
+# scalar variant's 1-lane bit select without it (now avoided in csrc/simd.h, vselect;
+# tests/test_build.py checks vtanh built without -fwrapv), and the flag keeps that
+# class of compiler trouble away.
 C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno", "-fwrapv"]
 
 

@@ -87,7 +87,25 @@ FCE_INLINE void storen(T *p, V v, int64_t n)
     for (int64_t i = 0; i < n; i++) p[i] = v[i];
 #endif
 }
-FCE_INLINE V vselect(VI mask, V a, V b) { return (V)(((VI)a & mask) | ((VI)b & ~mask)); }
+/* a where the comparison mask is set, else b (lane-wise). The scalar variant picks
+ * each lane with ?: instead of the bit select: GCC 12 (at least 12.2) miscompiles
+ * the bit select of 1-lane vectors without -fwrapv. It folds (a & m) | (b & ~m) into
+ * a VEC_COND_EXPR, lowers that (no 1-lane vector mode) into scalar code on
+ * -(signed-boolean:32)cmp, a negation that overflows its 1-bit type, and value range
+ * propagation then solves a branch on the same mask (vall in vtanh) under
+ * overflow-is-undefined rules: vtanh's sech^2 took 1 - tanh^2 of the polynomial for
+ * every lane past 0.5625 (softcap gradients off by several %). The ?: form is
+ * folded to the comparison itself, before that lowering. */
+FCE_INLINE V vselect(VI mask, V a, V b)
+{
+#if defined(FCE_ISA_IS_SCALAR)
+    V r = b;
+    for (int64_t i = 0; i < L; i++) r[i] = mask[i] ? a[i] : b[i];
+    return r;
+#else
+    return (V)(((VI)a & mask) | ((VI)b & ~mask));
+#endif
+}
 
 /* a where y == c, else b (lane-wise): a compare into a mask and a masked move */
 FCE_INLINE V vselect_eq(VI y, TI c, V a, V b)

@@ -7,13 +7,15 @@ logits from the case's seed (the same on every rank), takes its own columns (the
 case's widths, in rank order), calls fastce.torch.vocab_parallel_cross_entropy and
 backpropagates; writes OUT_DIR/case<i>_rank<r>.npz (loss, grad, extras) or, for a case
 that raises, OUT_DIR/case<i>_rank<r>.json (the exception's type and message).
-A case with "die": [ranks] makes those ranks exit before the call (the others must
-then fail with an error, not hang).
+A case with "die": [ranks] makes those ranks exit before the call, "stall": [ranks]
+makes them sleep past the timeout instead (the others must then fail with an error,
+not hang).
 """
 import datetime
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -75,17 +77,22 @@ def main():
         base = os.path.join(out_dir, "case%d_rank%d" % (i, rank))
         if rank in case.get("die", []):
             os._exit(3)
+        if rank in case.get("stall", []):
+            time.sleep(1.5 * timeout)  # alive, but never calls: the others time out
+            os._exit(4)
         try:
             res = run_case(case, rank)
         except Exception as err:  # recorded for the test to check
             with open(base + ".json", "w") as f:
                 json.dump({"type": type(err).__name__, "message": str(err)}, f)
-            if case.get("die"):
-                break  # the group is broken: nothing more can run
+            if case.get("die") or case.get("stall"):
+                # the group is broken: nothing more can run, and torch's teardown of it
+                # may abort ("terminate called ..."): leave without it
+                sys.stdout.flush()
+                os._exit(0)
         else:
             np.savez(base + ".npz", **res)
-    if not any(case.get("die") for case in cases):
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,55 @@ def test_kernel_compiles_without_warnings(isa, tmp_path, openmp):
     compile_all(cmds)
 
 
+# The vector tanh's sech^2 (softcap gradients) on every variant this CPU runs, compiled
+# WITHOUT -fwrapv (a wheel built with CFLAGS=-g0 loses Python's -fwrapv): GCC 12 once
+# miscompiled the scalar variant's 1-lane bit select there (csrc/simd.h, vselect), and
+# sech^2 came out 1e53 times wrong past |u| = 0.5625. The sweep's truth is libm's.
+TANH_SWEEP = r"""
+#include <math.h>
+#include <stdio.h>
+#include "vmath.h"
+__attribute__((noinline)) T tanh_of(T x, double *sech2)
+{
+    V d = splat(1);
+    V t = vtanh(splat(x), &d);
+    *sech2 = (double)d[0];
+    return t[0];
+}
+int main(void)
+{
+    double worst = 0, got;
+    for (T x = -30; x < 30; x += (T)0.01) {
+        (void)tanh_of(x, &got);
+        double e = exp(-2.0 * fabs((double)x)), truth = 4 * e / ((1 + e) * (1 + e));
+        double err = truth > 1e-30 ? fabs(got - truth) / truth : fabs(got);
+        if (err > worst) worst = err;
+    }
+    printf("%g\n", worst);
+    return worst > 1e-5;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.skipif(not os.path.isdir(CSRC), reason="source tree not available")
+def test_vtanh_sech2_without_fwrapv(isa, tmp_path):
+    if isa != fastce.available_isas()[0]:
+        pytest.skip("ISA-independent; compiled once per variant below")
+    src = tmp_path / "sweep.c"
+    src.write_text(TANH_SWEEP)
+    table = variants()
+    runs = [(name, opt) for name in fastce.available_isas() if name in table
+            for opt in ("-O2", "-O3")]
+    exes = [tmp_path / f"sweep_{name}{opt}" for name, opt in runs]
+    compile_all([["cc", "-std=c11", opt, "-fno-math-errno", *table[name], "-DFCE_DTYPE=32",
+                  f"-DFCE_ISA={name}", "-I", CSRC, str(src), "-o", str(exe), "-lm"]
+                 for (name, opt), exe in zip(runs, exes)])
+    for (name, opt), exe in zip(runs, exes):
+        r = subprocess.run([str(exe)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{name} {opt}: sech^2 relative error {r.stdout.strip()}"
+
+
 def compile_all(cmds):
     """Run the compiler commands on every core; each must succeed (its stderr shown if not)."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

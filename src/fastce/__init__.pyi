@@ -1,5 +1,5 @@
 from contextlib import AbstractContextManager
-from typing import Any, Literal, Optional, Tuple, Union
+from typing import Any, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +47,62 @@ def log_softmax(
 def logsumexp(
     logits: npt.ArrayLike, axis: int = ..., *, n_threads: Optional[int] = ...
 ) -> Union[_Float, npt.NDArray[np.floating[Any]]]: ...
+STATE_FIELDS: Tuple[str, ...]
+
+def lse_partial(
+    logits: npt.ArrayLike,
+    target: npt.ArrayLike,
+    *,
+    class_start: int = ...,
+    num_classes: Optional[int] = ...,
+    weight: Optional[npt.ArrayLike] = ...,
+    ignore_index: int = ...,
+    label_smoothing: float = ...,
+    logit_scale: float = ...,
+    softcap: Optional[float] = ...,
+    n_threads: Optional[int] = ...,
+) -> npt.NDArray[np.float64]: ...
+def lse_combine(
+    states: Union[npt.NDArray[np.float64], Sequence[npt.NDArray[np.float64]]]
+) -> npt.NDArray[np.float64]: ...
+def shard_cross_entropy(
+    logits: npt.ArrayLike,
+    target: npt.ArrayLike,
+    state: npt.NDArray[np.float64],
+    *,
+    class_start: int = ...,
+    num_classes: Optional[int] = ...,
+    weight: Optional[npt.ArrayLike] = ...,
+    ignore_index: int = ...,
+    reduction: _Reduction = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    return_z_loss: bool = ...,
+    return_lse: bool = ...,
+    logit_scale: float = ...,
+    softcap: Optional[float] = ...,
+    n_threads: Optional[int] = ...,
+) -> Union[_Float, npt.NDArray[np.floating[Any]], Tuple[Any, ...]]: ...
+def shard_cross_entropy_with_grad(
+    logits: npt.ArrayLike,
+    target: npt.ArrayLike,
+    state: npt.NDArray[np.float64],
+    *,
+    class_start: int = ...,
+    num_classes: Optional[int] = ...,
+    weight: Optional[npt.ArrayLike] = ...,
+    ignore_index: int = ...,
+    reduction: _Reduction = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    return_z_loss: bool = ...,
+    return_lse: bool = ...,
+    logit_scale: float = ...,
+    softcap: Optional[float] = ...,
+    grad_output: Optional[npt.ArrayLike] = ...,
+    out: Optional[npt.NDArray[np.floating[Any]]] = ...,
+    n_threads: Optional[int] = ...,
+) -> Tuple[Any, ...]: ...
 def available_isas() -> list[str]: ...
 def get_isa() -> str: ...
 def set_isa(name: str) -> None: ...

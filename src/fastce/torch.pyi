@@ -1,6 +1,7 @@
 from typing import Literal, Optional, Tuple, Union
 
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 _Reduction = Literal["none", "mean", "sum"]
 
@@ -48,3 +49,20 @@ class CrossEntropyLoss(nn.Module):
         softcap: Optional[float] = ...,
     ) -> None: ...
     def forward(self, input: Tensor, target: Tensor) -> Union[Tensor, Tuple[Tensor, ...]]: ...
+
+def vocab_parallel_cross_entropy(
+    local_logits: Tensor,
+    target: Tensor,
+    group: Optional[ProcessGroup] = ...,
+    *,
+    weight: Optional[Tensor] = ...,
+    ignore_index: int = ...,
+    reduction: _Reduction = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    return_z_loss: bool = ...,
+    return_lse: bool = ...,
+    logit_scale: float = ...,
+    softcap: Optional[float] = ...,
+    num_classes: Optional[int] = ...,
+) -> Union[Tensor, Tuple[Tensor, ...]]: ...
