@@ -20,7 +20,7 @@ import torch.distributed as dist
 import fastce as _fastce
 from fastce._core import _rescale_states
 
-from .torch import _loss_to_tensor, _to_numpy, _validate
+from .torch import _empty_grad, _loss_to_tensor, _to_numpy, _validate
 
 _N_INPUTS = 13  # the arguments of _VocabParallelFunction.forward after ctx
 
@@ -155,7 +155,7 @@ class _VocabParallelFunction(torch.autograd.Function):
         input, target, weight = ctx.saved_tensors
         x = _to_numpy(input)
         x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
-        grad = torch.empty(x2.shape, dtype=input.dtype)
+        grad = _empty_grad(x2.shape, input.dtype)
         go = _to_numpy(grad_output.contiguous()).reshape(-1) \
             if ctx.options["reduction"] == "none" else float(grad_output.item())
         _fastce.shard_cross_entropy_with_grad(
