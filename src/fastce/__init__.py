@@ -11,7 +11,9 @@ OpenMP threads) that reads each sample's logits once:
 Public API: :func:`cross_entropy`, :func:`cross_entropy_with_grad`,
 :func:`log_softmax`, :func:`logsumexp`; a vocabulary-parallel loss over class
 shards (:func:`lse_partial`, :func:`lse_combine`, :func:`shard_cross_entropy`,
-:func:`shard_cross_entropy_with_grad`); the slow pure-NumPy twin in
+:func:`shard_cross_entropy_with_grad`); the loss of a linear layer's output
+without its logits (:func:`linear_cross_entropy`, :func:`linear_cross_entropy_with_grad`);
+the slow pure-NumPy twin in
 :mod:`fastce.reference`; a PyTorch autograd drop-in in :mod:`fastce.torch`
 (imported on demand); :func:`available_isas`, :func:`get_isa`,
 :func:`set_isa`, :func:`use_isa`, :func:`best_isa`, :func:`isa_reason`,
@@ -38,6 +40,7 @@ from ._core import (
     shard_cross_entropy_with_grad,
 )
 from ._core import _build_info
+from .linear import linear_cross_entropy, linear_cross_entropy_with_grad
 
 __version__ = "0.1.0"
 
@@ -51,6 +54,8 @@ __all__ = [
     "shard_cross_entropy",
     "shard_cross_entropy_with_grad",
     "STATE_FIELDS",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
     "available_isas",
     "get_isa",
     "set_isa",

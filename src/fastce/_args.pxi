@@ -77,6 +77,12 @@ cdef object _real_array(value, str name):
     return _native(a)
 
 
+def real_array(value, name):
+    """_real_array for Python callers (fastce.linear): value as a native-order ndarray of
+    an integer or float dtype; TypeError naming it otherwise."""
+    return _real_array(value, name)
+
+
 cdef bint _extents_overlap(cnp.ndarray a, cnp.ndarray b):
     """Whether the address ranges spanned by two arrays intersect (cheap, conservative)."""
     cdef char *lo[2]

@@ -77,7 +77,8 @@ import torch
 
 import fastce as _fastce
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "vocab_parallel_cross_entropy"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "vocab_parallel_cross_entropy",
+           "linear_cross_entropy", "LinearCrossEntropyLoss"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -437,3 +438,5 @@ class CrossEntropyLoss(torch.nn.Module):
 # the vocabulary-parallel loss over torch.distributed (its own module; it uses the
 # helpers above)
 from ._torch_vocab_parallel import vocab_parallel_cross_entropy  # noqa: E402
+# the fused linear cross-entropy (its own module; it uses the helpers above)
+from ._torch_linear import LinearCrossEntropyLoss, linear_cross_entropy  # noqa: E402

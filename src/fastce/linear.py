@@ -1,0 +1,322 @@
+"""Fused linear cross-entropy for NumPy: the loss of ``hidden @ linear_weight.T
+(+ linear_bias)`` and its gradients without ever holding the (N, V) logits.
+
+Tokens are taken in chunks. Per chunk: its logits through BLAS (NumPy's matmul) into
+one reused buffer, then fastce's kernel over that buffer in place (loss and d loss /
+d logits in one pass), then ``grad_hidden[chunk] = g @ linear_weight`` and
+``grad_weight += g.T @ hidden[chunk]`` (and the bias gradient), all in the inputs'
+dtype with no buffer of N x V. Ignored tokens are left out of the chunks (no GEMM
+work) unless their log-sum-exp is asked for. Chunks are taken in order and every sum
+over them is in that order, so a result depends on the chunk size only through the
+rounding of the GEMMs.
+"""
+import numpy as np
+
+from . import _core
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
+
+_MIB = 1 << 20
+# the default memory budget for one chunk of logits: the size of hidden, at least this
+# (below ~256 tokens per chunk, grad_weight's GEMM, whose inner dimension is the chunk,
+# runs at a fraction of BLAS's speed)
+_MIN_BUDGET = 64 * _MIB
+# grad_weight's later chunks are added through a buffer of this many bytes at most
+_ADD_BLOCK = 8 * _MIB
+
+
+def _int_option(value, name, low):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError("%s must be an int or None, got %r of type %s"
+                        % (name, value, type(value).__name__))
+    if value < low:
+        raise ValueError("%s must be >= %d, got %d" % (name, low, value))
+    return int(value)
+
+
+def _arrays(hidden, linear_weight, target, linear_bias):
+    """(h (N, H), W (V, H), t (N,) int64, b (V,) or None, the sample shape), checked."""
+    _core.refuse_masked(hidden=hidden, linear_weight=linear_weight, target=target,
+                        linear_bias=linear_bias)
+    h = np.asarray(hidden)
+    W = np.asarray(linear_weight)
+    for a, name in ((h, "hidden"), (W, "linear_weight")):
+        if a.dtype not in (np.float32, np.float64):
+            raise TypeError("%s must have dtype float32 or float64, got %s" % (name, a.dtype))
+    if h.dtype != W.dtype:
+        raise TypeError("hidden and linear_weight must have the same dtype, got %s and %s"
+                        % (h.dtype, W.dtype))
+    if h.ndim < 1:
+        raise ValueError("hidden must have shape (N, H) or (..., H), got a 0-d array")
+    if W.ndim != 2:
+        raise ValueError("linear_weight must have shape (V, H), got shape %s" % (W.shape,))
+    if W.shape[1] != h.shape[-1]:
+        raise ValueError("hidden's last axis (H = %d) must match linear_weight's second "
+                         "(shape %s: (V, H))" % (h.shape[-1], W.shape))
+    if W.shape[0] == 0:
+        raise ValueError("linear_weight must have at least one class (row), got shape %s"
+                         % (W.shape,))
+    sample_shape = h.shape[:-1]
+    t = np.asarray(target)
+    if t.dtype.kind not in "iu":
+        raise TypeError("target must hold class indices (an integer dtype), got dtype %s; "
+                        "probability targets are not supported here" % t.dtype)
+    if t.shape != sample_shape:
+        raise ValueError("target must have shape %s (hidden's without its last axis), got "
+                         "shape %s" % (sample_shape, t.shape))
+    b = None
+    if linear_bias is not None:
+        b = np.asarray(linear_bias)
+        if b.shape != (W.shape[0],):
+            raise ValueError("linear_bias must have shape (%d,) (one per class), got shape %s"
+                             % (W.shape[0], b.shape))
+        b = b.astype(h.dtype, copy=False)
+    h2 = h.reshape(-1, h.shape[-1])
+    return h2, W, t.reshape(-1), b, sample_shape
+
+
+def _chunk_rows(n, V, itemsize, chunk_size, memory_budget, hidden_bytes):
+    if chunk_size is not None:
+        if memory_budget is not None:
+            raise ValueError("pass chunk_size or memory_budget, not both")
+        return max(1, min(_int_option(chunk_size, "chunk_size", 1), n))
+    row = V * itemsize
+    if memory_budget is None:
+        budget = max(hidden_bytes, _MIN_BUDGET)
+    else:
+        budget = _int_option(memory_budget, "memory_budget", 1)
+        if budget < row:
+            raise ValueError("memory_budget=%d bytes is too small for one token's logits "
+                             "(%d classes x %d bytes = %d bytes)" % (budget, V, itemsize, row))
+    return max(1, min(budget // row, n))
+
+
+def _run(hidden, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+         label_smoothing, z_loss, return_z_loss, return_lse, logit_scale, softcap,
+         chunk_size, memory_budget, n_threads, grad_output, want_grad, need=(True, True)):
+    """The chunked pass. need: (grad_weight, grad_bias) wanted (with want_grad; a
+    gradient not wanted comes back as None and costs nothing)."""
+    h, W, t, b, sample_shape = _arrays(hidden, linear_weight, target, linear_bias)
+    dtype = h.dtype
+    n, V = h.shape[0], W.shape[0]
+    # the options as cross_entropy checks them (a (0, V) call: nothing computed)
+    empty = np.empty((0, V), dtype)
+    _core.cross_entropy(empty, np.empty(0, np.int64), weight=weight,
+                        ignore_index=ignore_index, reduction=reduction,
+                        label_smoothing=label_smoothing, z_loss=z_loss,
+                        return_z_loss=return_z_loss, return_lse=return_lse,
+                        logit_scale=logit_scale, softcap=softcap, n_threads=n_threads)
+    rows = _chunk_rows(n, V, dtype.itemsize, chunk_size, memory_budget, h.nbytes)
+    w = None if weight is None else np.asarray(weight, dtype=dtype)
+    ignored = t == ignore_index
+    bad = ~ignored & ((t < 0) | (t >= V))
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        raise _core.bad_target_error(int(t[pos]), tuple(int(i) for i in np.unravel_index(
+            pos, sample_shape)), V, ignore_index)
+    none = reduction == "none"
+    # the tokens whose logits are formed: the kept ones (all when their lse is asked for)
+    order = np.arange(n) if return_lse else np.flatnonzero(~ignored)
+    tk = np.where(ignored, 0, t)
+    den = float(np.sum(w[tk[~ignored]], dtype=np.float64)) if w is not None \
+        else float(np.count_nonzero(~ignored))
+    # the upstream gradient of each chunk's "sum" (or per-token, for "none")
+    go0 = None if grad_output is None else _core.real_array(grad_output, "grad_output")
+    if none:
+        go = np.ones(n, dtype)
+        if go0 is not None:
+            try:
+                go = np.array(np.broadcast_to(go0, sample_shape), dtype=dtype).reshape(-1)
+            except ValueError:
+                raise ValueError("grad_output must broadcast to the per-token loss shape %s, "
+                                 "got shape %s" % (sample_shape, go0.shape)) from None
+        go_scale = 1.0
+    else:
+        if go0 is not None and go0.size != 1:
+            raise ValueError("grad_output must be a scalar (one value) for reduction=%r, got "
+                             "shape %s" % (reduction, go0.shape))
+        go0 = 1.0 if go0 is None else float(go0.reshape(()))
+        go_scale = go0 / den if reduction == "mean" and den != 0 else \
+            (np.nan if reduction == "mean" else go0)
+    opts = dict(weight=w, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                z_loss=z_loss, logit_scale=logit_scale, softcap=softcap, n_threads=n_threads)
+    loss_tok = np.zeros(n, dtype) if none else None
+    z_tok = np.zeros(n, dtype) if none and return_z_loss else None
+    lse = np.empty(n, dtype) if return_lse else None
+    loss_sum = z_sum = 0.0
+    gh = gW = gb = None
+    if want_grad:
+        gh = np.zeros_like(h)
+        gW = np.empty(W.shape, dtype) if need[0] else None  # the first chunk writes it all
+        gb = np.zeros(V, dtype) if b is not None and need[1] else None
+    buf = np.empty((min(rows, max(len(order), 1)), V), dtype)
+    add = None
+    first = True
+    for c0 in range(0, len(order), rows):
+        idx = order[c0:c0 + rows]
+        contiguous = idx[-1] - idx[0] + 1 == len(idx)
+        sel = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
+        hc = h[sel]
+        logits = buf[:len(idx)]
+        np.matmul(hc, W.T, out=logits)
+        if b is not None:
+            logits += b
+        tc = t[sel]
+        red = "none" if none else "sum"
+        kw = dict(opts, reduction=red, return_z_loss=return_z_loss, return_lse=return_lse)
+        if want_grad:
+            res = _core.cross_entropy_with_grad(
+                logits, tc, grad_output=go[sel] if none else go_scale, out=logits, **kw)
+        else:
+            res = _core.cross_entropy(logits, tc, **kw)
+        res = res if isinstance(res, tuple) else (res,)
+        k = 2 if want_grad else 1
+        if none:
+            loss_tok[sel] = res[0]
+            if return_z_loss:
+                z_tok[sel] = res[k]
+        else:
+            loss_sum += float(res[0])
+            if return_z_loss:
+                z_sum += float(res[k])
+        if return_lse:
+            lse[sel] = res[-1]
+        if want_grad:
+            g = logits
+            if contiguous:
+                np.matmul(g, W, out=gh[sel])
+            else:
+                gh[sel] = g @ W
+            if gW is None:
+                pass
+            elif first:
+                np.matmul(g.T, hc, out=gW)
+            else:
+                # gW += g.T @ hc, by blocks of classes through one small buffer
+                vb = max(1, min(V, _ADD_BLOCK // (W.shape[1] * dtype.itemsize)))
+                if add is None:
+                    add = np.empty((vb, W.shape[1]), dtype)
+                for v0 in range(0, V, vb):
+                    part = add[:min(vb, V - v0)]
+                    np.matmul(g[:, v0:v0 + vb].T, hc, out=part)
+                    gW[v0:v0 + vb] += part
+            if gb is not None:
+                gb += g.sum(axis=0)
+        first = False
+    if gW is not None and first:
+        gW.fill(0)  # no token was kept
+    if none:
+        loss = loss_tok.reshape(sample_shape)
+        zpart = z_tok.reshape(sample_shape) if return_z_loss else None
+    else:
+        if reduction == "mean":
+            loss_sum, z_sum = _mean_parts(h, W, t, b, order, rows, opts, den, loss_sum, z_sum,
+                                          return_z_loss)
+        loss, zpart = dtype.type(loss_sum), dtype.type(z_sum)
+    extras = ([zpart] if return_z_loss else []) + \
+        ([lse.reshape(sample_shape)] if return_lse else [])
+    if want_grad:
+        grads = [gh.reshape(tuple(sample_shape) + (h.shape[-1],)), gW] + \
+            ([gb] if b is not None else [])
+        return (loss, *grads, *extras)
+    return (loss, *extras) if extras else loss
+
+
+def _mean_parts(h, W, t, b, order, rows, opts, den, loss_sum, z_sum, return_z_loss):
+    """The "mean" from the chunks' sums: over den, or, when the target weights sum to 0
+    (every token ignored, or weights that cancel), as torch makes that mean: the target
+    part and the smoothing part each over that 0 (IEEE: inf, -inf or NaN), which needs
+    the two parts apart (two more loss-only passes; rare)."""
+    if den != 0:
+        return loss_sum / den, z_sum / den
+    eps = opts["label_smoothing"]
+    parts = [0.0, 0.0]
+    for c0 in range(0, len(order), rows):
+        idx = order[c0:c0 + rows]
+        logits = h[idx] @ W.T
+        if b is not None:
+            logits += b
+        for i, s in enumerate((0.0, 1.0)):
+            parts[i] += float(_core.cross_entropy(
+                logits, t[idx], reduction="sum", **dict(opts, label_smoothing=s, z_loss=0.0)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zero = np.float64(0.0)
+        mean = (1.0 - eps) * np.float64(parts[0]) / zero
+        if eps > 0:
+            mean = mean + eps * np.float64(parts[1]) / zero
+        if opts["z_loss"] > 0:
+            mean = mean + np.float64(z_sum) / zero
+        return float(mean), float(np.float64(z_sum) / zero)
+
+
+def linear_cross_entropy(hidden, linear_weight, target, *, linear_bias=None, weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                         return_z_loss=False, return_lse=False, logit_scale=1.0, softcap=None,
+                         chunk_size=None, memory_budget=None, n_threads=None):
+    """``cross_entropy(hidden @ linear_weight.T + linear_bias, target, ...)`` without the
+    logits: chunk by chunk of tokens, the logits of one chunk at a time.
+
+    Parameters
+    ----------
+    hidden : array_like of float32 or float64, shape (N, H) or (..., H)
+    linear_weight : array_like, shape (V, H), hidden's dtype
+        The output layer (torch's ``linear_weight``: ``F.linear(hidden, linear_weight)``).
+    target : array_like of integers, shape (N,) (hidden's shape without H)
+        Class indices in [0, V) or ``ignore_index``.
+    linear_bias : array_like, shape (V,), optional
+    weight, ignore_index, reduction, label_smoothing, z_loss, return_z_loss, return_lse, logit_scale, softcap, n_threads
+        As for :func:`fastce.cross_entropy` (``weight``: per-class weights).
+    chunk_size : int, optional
+        Tokens per chunk.
+    memory_budget : int, optional
+        Bytes for one chunk of logits (default: hidden's size, at least 64 MiB); the
+        chunk is as many tokens as fit. Give one of chunk_size, memory_budget.
+
+    Returns
+    -------
+    As :func:`fastce.cross_entropy`.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> rng = np.random.default_rng(0)
+    >>> h, W = rng.standard_normal((6, 4)), rng.standard_normal((10, 4))
+    >>> t = np.array([1, 2, 3, -100, 9, 0])
+    >>> a = fastce.linear_cross_entropy(h, W, t, chunk_size=4)
+    >>> bool(np.isclose(a, fastce.cross_entropy(h @ W.T, t)))
+    True
+    """
+    return _run(hidden, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                label_smoothing, z_loss, return_z_loss, return_lse, logit_scale, softcap,
+                chunk_size, memory_budget, n_threads, None, False)
+
+
+def linear_cross_entropy_with_grad(hidden, linear_weight, target, *, linear_bias=None,
+                                   weight=None, ignore_index=-100, reduction="mean",
+                                   label_smoothing=0.0, z_loss=0.0, return_z_loss=False,
+                                   return_lse=False, logit_scale=1.0, softcap=None,
+                                   grad_output=None, chunk_size=None, memory_budget=None,
+                                   n_threads=None):
+    """:func:`linear_cross_entropy` and its gradients, in the same chunked pass.
+
+    Returns ``(loss, grad_hidden, grad_weight)``, with ``grad_bias`` after them when
+    ``linear_bias`` is given, then the z-loss part and the lse when asked. The
+    gradients have the shapes and dtype of hidden, linear_weight and linear_bias;
+    ``grad_output`` is as for :func:`fastce.cross_entropy_with_grad` (per token for
+    ``"none"``). Peak extra memory: one chunk of logits (it holds their gradient too)
+    and a buffer of at most 8 MiB, beyond the gradients returned.
+
+    Examples
+    --------
+    >>> import numpy as np, fastce
+    >>> rng = np.random.default_rng(0)
+    >>> h, W = rng.standard_normal((6, 4)), rng.standard_normal((10, 4))
+    >>> t = np.array([1, 2, 3, -100, 9, 0])
+    >>> loss, gh, gW = fastce.linear_cross_entropy_with_grad(h, W, t, chunk_size=4)
+    >>> _, g = fastce.cross_entropy_with_grad(h @ W.T, t)
+    >>> bool(np.allclose(gh, g @ W) and np.allclose(gW, g.T @ h))
+    True
+    """
+    return _run(hidden, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                label_smoothing, z_loss, return_z_loss, return_lse, logit_scale, softcap,
+                chunk_size, memory_budget, n_threads, grad_output, True)
