@@ -103,6 +103,45 @@ def shard_cross_entropy_with_grad(
     out: Optional[npt.NDArray[np.floating[Any]]] = ...,
     n_threads: Optional[int] = ...,
 ) -> Tuple[Any, ...]: ...
+def linear_cross_entropy(
+    hidden: npt.ArrayLike,
+    linear_weight: npt.ArrayLike,
+    target: npt.ArrayLike,
+    *,
+    linear_bias: Optional[npt.ArrayLike] = ...,
+    weight: Optional[npt.ArrayLike] = ...,
+    ignore_index: int = ...,
+    reduction: _Reduction = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    return_z_loss: bool = ...,
+    return_lse: bool = ...,
+    logit_scale: float = ...,
+    softcap: Optional[float] = ...,
+    chunk_size: Optional[int] = ...,
+    memory_budget: Optional[int] = ...,
+    n_threads: Optional[int] = ...,
+) -> Union[_Float, npt.NDArray[np.floating[Any]], Tuple[Any, ...]]: ...
+def linear_cross_entropy_with_grad(
+    hidden: npt.ArrayLike,
+    linear_weight: npt.ArrayLike,
+    target: npt.ArrayLike,
+    *,
+    linear_bias: Optional[npt.ArrayLike] = ...,
+    weight: Optional[npt.ArrayLike] = ...,
+    ignore_index: int = ...,
+    reduction: _Reduction = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    return_z_loss: bool = ...,
+    return_lse: bool = ...,
+    logit_scale: float = ...,
+    softcap: Optional[float] = ...,
+    grad_output: Optional[npt.ArrayLike] = ...,
+    chunk_size: Optional[int] = ...,
+    memory_budget: Optional[int] = ...,
+    n_threads: Optional[int] = ...,
+) -> Tuple[Any, ...]: ...
 def available_isas() -> list[str]: ...
 def get_isa() -> str: ...
 def set_isa(name: str) -> None: ...

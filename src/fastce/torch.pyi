@@ -66,3 +66,54 @@ def vocab_parallel_cross_entropy(
     softcap: Optional[float] = ...,
     num_classes: Optional[int] = ...,
 ) -> Union[Tensor, Tuple[Tensor, ...]]: ...
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = ...,
+    weight: Optional[Tensor] = ...,
+    reduction: _Reduction = ...,
+    ignore_index: Optional[int] = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    return_z_loss: bool = ...,
+    return_lse: bool = ...,
+    logit_scale: float = ...,
+    softcap: Optional[float] = ...,
+    chunk_size: Optional[int] = ...,
+    memory_budget: Optional[int] = ...,
+) -> Union[Tensor, Tuple[Tensor, ...]]: ...
+
+class LinearCrossEntropyLoss(nn.Module):
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    z_loss: float
+    return_z_loss: bool
+    return_lse: bool
+    logit_scale: float
+    softcap: Optional[float]
+    chunk_size: Optional[int]
+    memory_budget: Optional[int]
+    weight: Optional[Tensor]
+    def __init__(
+        self,
+        weight: Optional[Tensor] = ...,
+        ignore_index: int = ...,
+        reduction: _Reduction = ...,
+        label_smoothing: float = ...,
+        *,
+        z_loss: float = ...,
+        return_z_loss: bool = ...,
+        return_lse: bool = ...,
+        logit_scale: float = ...,
+        softcap: Optional[float] = ...,
+        chunk_size: Optional[int] = ...,
+        memory_budget: Optional[int] = ...,
+    ) -> None: ...
+    def forward(
+        self, input: Tensor, linear_weight: Tensor, target: Tensor,
+        linear_bias: Optional[Tensor] = ...,
+    ) -> Union[Tensor, Tuple[Tensor, ...]]: ...
