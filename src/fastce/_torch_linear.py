@@ -20,6 +20,20 @@ from .torch import _check_cpu, _loss_to_tensor, _to_numpy
 _N_INPUTS = 15  # the arguments of _LinearCrossEntropyFunction.forward after ctx
 
 
+class _TorchGemm:
+    """The GEMMs of the chunked pass through torch (its threads, as the caller set
+    them), on the NumPy arrays' memory: mm: out = a @ b; mm_add: out += a @ b in one
+    GEMM (addmm_, BLAS's beta = 1: no extra pass over grad_weight per chunk)."""
+
+    @staticmethod
+    def mm(a, b, out):
+        torch.matmul(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
+
+    @staticmethod
+    def mm_add(a, b, out):
+        torch.from_numpy(out).addmm_(torch.from_numpy(a), torch.from_numpy(b))
+
+
 def _validate(input, linear_weight, target, linear_bias, weight):
     for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target),
                     ("linear_bias", linear_bias), ("weight", weight)):
@@ -74,7 +88,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         want_grad = reduction != "none"
         res = _linear._run(h, W, t, b, w, ignore_index, reduction, label_smoothing, z_loss,
                            return_z_loss, return_lse, logit_scale, softcap, chunk_size,
-                           memory_budget, None, None, want_grad, ctx.need)
+                           memory_budget, None, None, want_grad, ctx.need, _TorchGemm)
         res = res if isinstance(res, tuple) else (res,)
         loss, rest = res[0], list(res[1:])
         ctx.grads = None
@@ -108,7 +122,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             res = _linear._run(h, W, t, b, o["weight"], o["ignore_index"], o["reduction"],
                                o["label_smoothing"], o["z_loss"], False, False,
                                o["logit_scale"], o["softcap"], o["chunk_size"],
-                               o["memory_budget"], None, go, True, ctx.need)
+                               o["memory_budget"], None, go, True, ctx.need, _TorchGemm)
             grads = [_tensor(g) for g in res[1:3]] + [_tensor(res[3]) if b is not None else None]
         if not none:
             s = grad_output.item()
@@ -165,11 +179,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
             return loss
         return (loss,) + tuple(e for e in (zpart, lse) if e is not None)
     h, W, t, b, w = _numpy_args(input, linear_weight, target, linear_bias, weight)
-    res = _linear.linear_cross_entropy(
-        h, W, t, linear_bias=b, weight=w, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=return_z_loss,
-        return_lse=return_lse, logit_scale=logit_scale, softcap=softcap,
-        chunk_size=chunk_size, memory_budget=memory_budget)
+    res = _linear._run(h, W, t, b, w, ignore_index, reduction, label_smoothing, z_loss,
+                       return_z_loss, return_lse, logit_scale, softcap, chunk_size,
+                       memory_budget, None, None, False, gemm=_TorchGemm)
     if not extras:
         return _loss_to_tensor(res, input.dtype)
     return tuple(_loss_to_tensor(r, input.dtype) for r in res)

@@ -25,6 +25,27 @@ _MIN_BUDGET = 64 * _MIB
 _ADD_BLOCK = 8 * _MIB
 
 
+class _NumpyGemm:
+    """The GEMMs of the chunked pass through NumPy's matmul (its BLAS). mm: out = a @ b;
+    mm_add: out += a @ b, which NumPy cannot ask of BLAS (no beta): by blocks of out's
+    rows through one small buffer (an extra pass over out per chunk after the first)."""
+
+    def __init__(self):
+        self.part = None
+
+    def mm(self, a, b, out):
+        np.matmul(a, b, out=out)
+
+    def mm_add(self, a, b, out):
+        rows = max(1, min(out.shape[0], _ADD_BLOCK // (out.shape[1] * out.itemsize)))
+        if self.part is None:
+            self.part = np.empty((rows, out.shape[1]), out.dtype)
+        for r0 in range(0, out.shape[0], rows):
+            part = self.part[:min(rows, out.shape[0] - r0)]
+            np.matmul(a[r0:r0 + rows], b, out=part)
+            out[r0:r0 + rows] += part
+
+
 def _int_option(value, name, low):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError("%s must be an int or None, got %r of type %s"
@@ -93,9 +114,11 @@ def _chunk_rows(n, V, itemsize, chunk_size, memory_budget, hidden_bytes):
 
 def _run(hidden, linear_weight, target, linear_bias, weight, ignore_index, reduction,
          label_smoothing, z_loss, return_z_loss, return_lse, logit_scale, softcap,
-         chunk_size, memory_budget, n_threads, grad_output, want_grad, need=(True, True)):
+         chunk_size, memory_budget, n_threads, grad_output, want_grad, need=(True, True),
+         gemm=None):
     """The chunked pass. need: (grad_weight, grad_bias) wanted (with want_grad; a
-    gradient not wanted comes back as None and costs nothing)."""
+    gradient not wanted comes back as None and costs nothing). gemm: the class of the
+    GEMMs (default _NumpyGemm)."""
     h, W, t, b, sample_shape = _arrays(hidden, linear_weight, target, linear_bias)
     dtype = h.dtype
     n, V = h.shape[0], W.shape[0]
@@ -150,7 +173,7 @@ def _run(hidden, linear_weight, target, linear_bias, weight, ignore_index, reduc
         gW = np.empty(W.shape, dtype) if need[0] else None  # the first chunk writes it all
         gb = np.zeros(V, dtype) if b is not None and need[1] else None
     buf = np.empty((min(rows, max(len(order), 1)), V), dtype)
-    add = None
+    gemm = gemm() if gemm is not None else _NumpyGemm()
     first = True
     for c0 in range(0, len(order), rows):
         idx = order[c0:c0 + rows]
@@ -158,7 +181,7 @@ def _run(hidden, linear_weight, target, linear_bias, weight, ignore_index, reduc
         sel = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
         hc = h[sel]
         logits = buf[:len(idx)]
-        np.matmul(hc, W.T, out=logits)
+        gemm.mm(hc, W.T, logits)
         if b is not None:
             logits += b
         tc = t[sel]
@@ -184,22 +207,15 @@ def _run(hidden, linear_weight, target, linear_bias, weight, ignore_index, reduc
         if want_grad:
             g = logits
             if contiguous:
-                np.matmul(g, W, out=gh[sel])
+                gemm.mm(g, W, gh[sel])
             else:
                 gh[sel] = g @ W
             if gW is None:
                 pass
             elif first:
-                np.matmul(g.T, hc, out=gW)
+                gemm.mm(g.T, hc, gW)
             else:
-                # gW += g.T @ hc, by blocks of classes through one small buffer
-                vb = max(1, min(V, _ADD_BLOCK // (W.shape[1] * dtype.itemsize)))
-                if add is None:
-                    add = np.empty((vb, W.shape[1]), dtype)
-                for v0 in range(0, V, vb):
-                    part = add[:min(vb, V - v0)]
-                    np.matmul(g[:, v0:v0 + vb].T, hc, out=part)
-                    gW[v0:v0 + vb] += part
+                gemm.mm_add(g.T, hc, gW)
             if gb is not None:
                 gb += g.sum(axis=0)
         first = False
