@@ -31,6 +31,7 @@ p_y ~ 1 tests check the stronger property for the target class.  Losses use atol
 """
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -267,3 +268,9 @@ def assert_both_raise(mod, x, t, bad, exc, message):
         with pytest.raises(exc) as info:
             fn(x, t, **bad)
         assert str(info.value) == message
+
+
+def seed_of(*key):
+    """A seed from a test's parameters, the same in every run (hash() of a str, and of
+    None before Python 3.12, changes from process to process)."""
+    return zlib.crc32(repr(key).encode())
