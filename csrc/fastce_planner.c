@@ -141,8 +141,10 @@ static void finish_row_from_state(ctx *cx, const paths *pt, int64_t r)
     const double *in = job->state_in + r * FCE_STATE_LEN;
     sample *smp = &cx->smps[r];
     fce_state *st = &cx->states[r * cx->nseg];
-    *st = (fce_state){in[FCE_ST_NAN] > 0 ? NAN : in[FCE_ST_M], in[FCE_ST_S], in[FCE_ST_D],
-                      in[FCE_ST_Q]};
+    /* D and Q of the weights as the states were made with them; this job's weights may
+     * be scale_weights's, times 2^wexp */
+    *st = (fce_state){in[FCE_ST_NAN] > 0 ? NAN : in[FCE_ST_M], in[FCE_ST_S],
+                      ldexp(in[FCE_ST_D], cx->wexp), ldexp(in[FCE_ST_Q], cx->wexp)};
     cx->partials[r * cx->nseg] = 0.0;
     if (!sample_target(cx, r, smp)) {
         if (job->lse_out) ((T *)job->lse_out)[r] = (T)state_lse(cx, st, log(st->s), NULL, 0);
@@ -194,6 +196,7 @@ static int scale_weights(ctx *cx, double *wden, T **copy)
     *copy = w;
     cx->w = w + cx->off;
     *wden = ldexp(W, e);
+    cx->wexp = e;
     cx->gscale = go / *wden;
     return 1;
 }

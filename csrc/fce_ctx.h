@@ -89,6 +89,7 @@ struct NAME(fce_ctx) {
     double gscale;       /* upstream gradient for sum/mean, / total for mean */
     xfp xf;              /* the logit transform (on: 0 or 1, read at run time) */
     double gfac;         /* its constant factor of the gradient, s (1 without) */
+    int wexp;            /* the weights are the job's times 2^wexp (scale_weights; 0) */
     /* the work plan */
     int64_t per_item, seg, nseg, tiles;
     double *partials;    /* one loss sum per work item */

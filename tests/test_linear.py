@@ -139,6 +139,21 @@ def test_linear_edge_cases(isa, dtype):
         ref = fastce.cross_entropy(h @ W.T, t, weight=w, label_smoothing=eps)
         assert np.array_equal(np.isnan(got), np.isnan(ref)) and (
             np.isnan(ref) or np.isinf(ref) and got == ref or np.isclose(got, ref))
+    # with a z-loss too (its part over the 0 as well), and whatever return_z_loss
+    for ret in (False, True):
+        got = fastce.linear_cross_entropy(h, W, t, weight=w, z_loss=1e-2, chunk_size=2,
+                                          return_z_loss=ret)
+        ref = fastce.cross_entropy(h @ W.T, t, weight=w, z_loss=1e-2, return_z_loss=ret)
+        for g_, r_ in zip(np.atleast_1d(got), np.atleast_1d(ref)):
+            assert np.array_equal(g_, r_, equal_nan=True) or np.isclose(g_, r_)
+    # weights so small that go / (their sum) overflows the dtype: rescaled as the
+    # kernel rescales them, the gradients stay finite and right
+    tiny = np.full(5, 1e-44 if dtype == np.float32 else 1e-320, dtype)
+    t2 = np.array([0, 1, 2, 3, 4, 0])
+    got = fastce.linear_cross_entropy_with_grad(h, W, t2, weight=tiny, chunk_size=4)
+    ref = fastce.cross_entropy_with_grad(h @ W.T, t2, weight=tiny)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1], ref[1] @ W, rtol=1e-4, atol=1e-6)
     # (..., H) hidden: the loss per token keeps the shape
     h3 = rng.standard_normal((2, 3, 8)).astype(dtype)
     t3 = rng.integers(0, 5, (2, 3))
@@ -270,16 +285,32 @@ def test_torch_linear_matches_torch(dtype, reduction):
         torch.testing.assert_close(x.grad, f, rtol=0, atol=0)
 
 
-def test_torch_linear_frozen_weight_and_module():
+def test_torch_linear_frozen_weight_and_module(monkeypatch):
+    import fastce._torch_linear as tl
     import fastce.torch as ft
+    outs = []
+    mm, mm_add = tl._TorchGemm.mm, tl._TorchGemm.mm_add
+    monkeypatch.setattr(tl._TorchGemm, "mm", staticmethod(
+        lambda a, b, out: (outs.append(out.shape), mm(a, b, out))))
+    monkeypatch.setattr(tl._TorchGemm, "mm_add", staticmethod(
+        lambda a, b, out: (outs.append(out.shape), mm_add(a, b, out))))
     g = torch.Generator().manual_seed(8)
     h = torch.randn(10, 8, generator=g, requires_grad=True)
-    W = torch.randn(50, 8, generator=g)  # frozen: no grad_weight formed
+    W = torch.randn(50, 8, generator=g)  # frozen: no grad_weight GEMM
     t = torch.randint(0, 50, (10,), generator=g)
     crit = ft.LinearCrossEntropyLoss(chunk_size=3, z_loss=1e-3)
     loss = crit(h, W, t)
     loss.backward()
     assert W.grad is None
+    assert (50, 8) not in outs and (3, 8) in outs  # grad_hidden's GEMM ran, not grad_weight's
+    # frozen hidden, only the bias learns: neither grad_hidden's nor grad_weight's GEMM
+    outs.clear()
+    b = torch.zeros(50, requires_grad=True)
+    ft.linear_cross_entropy(h.detach(), W, t, linear_bias=b, chunk_size=3).backward()
+    assert outs == [(3, 50), (3, 50), (3, 50), (1, 50)]  # the logits' GEMMs only
+    ref_b = torch.zeros(50, requires_grad=True)
+    F.cross_entropy(h.detach() @ W.T + ref_b, t).backward()
+    torch.testing.assert_close(b.grad, ref_b.grad, rtol=1e-5, atol=1e-7)
     hr = h.detach().clone().requires_grad_(True)
     logits = hr @ W.T
     ref = F.cross_entropy(logits, t) + 1e-3 * (torch.logsumexp(logits, 1) ** 2).mean()

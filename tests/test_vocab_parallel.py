@@ -130,6 +130,32 @@ def test_long_shards_segments_and_threads(isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tiny_weights_and_zero_weight_mean(isa, dtype):
+    # class weights so small that the kernel rescales them by a power of two (a "mean"
+    # whose factors would overflow): the states, made with the weights as given, are
+    # rescaled alike; and a mean over weights summing to 0, as the unsharded call's
+    rng = np.random.default_rng(21)
+    x, t = make_case(rng, (4, 10), dtype)
+    tiny = 1e-39 if dtype == np.float32 else 1e-310
+    for w, kw in ((np.full(10, tiny, dtype), dict(label_smoothing=0.1)),
+                  (np.array([1, -1, 2, 0, 1, 1, -2, 3, 1, 1], dtype), dict(label_smoothing=0.2)),
+                  (np.array([1, -1, 2, 0, 1, 1, -2, 3, 1, 1], dtype), {})):
+        tt = t if w[0] == tiny else np.array([0, 1, 0, 1])
+        got = sharded(x, tt, [5, 5], weight=w, **kw)
+        ref = fastce.cross_entropy_with_grad(x, tt, weight=w, return_z_loss=True,
+                                             return_lse=True, **kw)
+        for g, r in zip(got, ref):
+            assert np.array_equal(np.isnan(g), np.isnan(r))
+            fin = np.isfinite(r)
+            assert np.array_equal(g[~fin & ~np.isnan(r)], r[~fin & ~np.isnan(r)])
+            # the gradient's entries are accurate relative to its scale (entries that
+            # cancel, to the scale's rtol, not their own)
+            rt = 1e-5 if dtype == np.float32 else 1e-12
+            np.testing.assert_allclose(g[fin], r[fin], rtol=rt,
+                                       atol=rt * float(np.abs(r[fin]).max(initial=0.0)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_target_probability_near_one(isa, dtype):
     # p_y ~ 1 with the target alone in its shard: d loss / d x_y = -(the other classes'
     # mass), which only the masses give without cancellation (1 - p_y would round to 0)
@@ -280,6 +306,8 @@ def bad_calls():
      "states is empty: lse_combine needs at least one shard's state"),
     (lambda x, t, st, h: fastce.lse_combine([st, st[:1]]), ValueError,
      "states[1] must have shape (2, 8) (one state per sample), got shape (1, 8)"),
+    (lambda x, t, st, h: fastce.lse_combine([np.zeros(8)]), ValueError,
+     "states[0] must have shape (N, 8) (one state per sample), got shape (8,)"),
     (lambda x, t, st, h: fastce.lse_combine(3), TypeError,
      "states must be a sequence of states from lse_partial, got int"),
 ])
@@ -374,6 +402,7 @@ def test_vocab_parallel_over_gloo(isa, world, tmp_path):
                    options=dict(num_classes=sum(widths) + 1)),
               dict(seed=6, N=8, dtype="float32", widths=widths, rows_off_by_one=True),
               dict(seed=7, N=8, dtype="float32", widths=widths, target_differs=True),
+              dict(seed=11, N=8, dtype="float32", widths=widths, empty_shard=True),
               dict(seed=8, N=8, dtype="float32", widths=widths)]
     codes, errs = spawn(world, cases, tmp_path)
     assert codes == [0] * world, errs
@@ -405,8 +434,12 @@ def test_vocab_parallel_over_gloo(isa, world, tmp_path):
     msgs = {i: [result(tmp_path, i, r) for r in range(world)] for i in range(len(CASES), len(cases) - 1)}
     for i, want in zip(sorted(msgs), ["add up to %d classes, but num_classes=%d" % (sum(widths), sum(widths) + 1),
                                       "the ranks hold different numbers of rows",
-                                      "the ranks were given different targets"]):
-        for r in msgs[i]:
+                                      "the ranks were given different targets",
+                                      "the arguments of rank(s) [1] failed their checks"]):
+        for rank, r in enumerate(msgs[i]):
+            if "checks" in want and rank == 1:  # its own error
+                assert r["type"] == "ValueError" and "at least one class" in r["message"], r
+                continue
             assert r["type"] == "ValueError" and want in r["message"], r
     # and a good call after them
     assert "loss" in result(tmp_path, len(cases) - 1, 0)

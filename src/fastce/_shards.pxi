@@ -202,8 +202,12 @@ def lse_combine(states):
                             f"{type(states).__name__}") from None
         if not parts:
             raise ValueError("states is empty: lse_combine needs at least one shard's state")
-        first = np.asarray(parts[0])
-        n = first.shape[0] if first.ndim == 2 else -1
+        for i, p in enumerate(parts):
+            shape = np.shape(p)
+            if len(shape) != 2 or shape[1] != FCE_STATE_LEN:
+                raise ValueError(f"states[{i}] must have shape (N, {FCE_STATE_LEN}) (one "
+                                 f"state per sample), got shape {shape}")
+        n = np.shape(parts[0])[0]
         arr = np.stack([_state_array(p, n, f"states[{i}]") for i, p in enumerate(parts)])
     out = np.empty(arr.shape[1:], dtype=np.float64)
     cdef int64_t n_states = arr.shape[0], n_samples = arr.shape[1]
@@ -254,7 +258,8 @@ def shard_cross_entropy(logits, target, state, *, class_start=0, num_classes=Non
 
     ``state`` is :func:`lse_combine` of every shard's :func:`lse_partial`; the loss
     is the unsharded :func:`cross_entropy`'s (to rounding), the same on every shard,
-    and computed without reading the logits (they give its dtype and shape).
+    and computed without a pass over the logits (they give its dtype and shape; logits
+    whose classes are not contiguous are still laid out, i.e. copied, as for any call).
 
     Parameters
     ----------

@@ -2,8 +2,9 @@
 layer's output (an LM head) without its (N, V) logits, under autograd.
 
 The gradients are computed in the forward pass, chunk by chunk of tokens, with the loss
-(fastce.linear_cross_entropy_with_grad: NumPy's BLAS for the GEMMs, fastce's kernel in
-place over each chunk's logits), as Liger-Kernel does: nothing of size N x V is saved
+(fastce.linear_cross_entropy_with_grad's chunked pass, with torch's GEMMs on torch's
+threads, grad_weight accumulated by addmm_; fastce's kernel in place over each chunk's
+logits), as Liger-Kernel does: nothing of size N x V is saved
 for backward, only the gradients (of hidden, linear_weight and linear_bias, for those
 that require one) and references to the inputs. Backward scales them by the scalar
 upstream gradient (none when it is 1, the usual ``loss.backward()``: the buffers are
@@ -83,7 +84,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                            logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size,
                            memory_budget=memory_budget)
         need = ctx.needs_input_grad
-        ctx.need = (bool(need[1]), bool(need[2]))
+        ctx.need = (bool(need[0]), bool(need[1]), bool(need[2]))
         ctx.save_for_backward(input, linear_weight, linear_bias, target)
         want_grad = reduction != "none"
         res = _linear._run(h, W, t, b, w, ignore_index, reduction, label_smoothing, z_loss,
@@ -129,8 +130,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             if s != 1.0:
                 grads = [None if g is None else g * s for g in grads]
         gh, gW, gb = grads
-        return (gh, gW if ctx.need[0] else None, gb if ctx.need[1] else None) + \
-            (None,) * (_N_INPUTS - 3)
+        return (gh if ctx.need[0] else None, gW if ctx.need[1] else None,
+                gb if ctx.need[2] else None) + (None,) * (_N_INPUTS - 3)
 
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,

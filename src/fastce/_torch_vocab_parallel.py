@@ -34,21 +34,47 @@ def _collective(fn, what, *args, **kwargs):
         raise RuntimeError(
             "fastce.torch.vocab_parallel_cross_entropy: the %s over the process group "
             "failed (%s: %s); every rank of the group must call it with its shard of the "
-            "same rows; a rank may have died or not called it before the group's timeout"
+            "same rows; a rank may have died or not called it before the group's timeout "
+            "(or the group's backend cannot take CPU tensors: gloo can)"
             % (what, type(err).__name__, err)) from err
 
 
-def _shard_layout(x, t, group, num_classes):
+def _local_check(x, t, options):
+    """This rank's arguments checked as the kernel's calls will check them, on no rows
+    (the weight's shape excepted: it needs every rank's width). Returns the exception,
+    or None."""
+    try:
+        o = options
+        _fastce.lse_partial(x[:0], t[:0], num_classes=x.shape[1], ignore_index=o["ignore_index"],
+                            label_smoothing=o["label_smoothing"], logit_scale=o["logit_scale"],
+                            softcap=o["softcap"])
+        _fastce.cross_entropy(x[:0], t[:0], reduction=o["reduction"], z_loss=o["z_loss"],
+                              ignore_index=o["ignore_index"])
+    except (TypeError, ValueError) as err:
+        return err
+    return None
+
+
+def _shard_layout(x, t, group, num_classes, options):
     """(class_start, num_classes) of this rank's shard, after checking with every rank
-    that the rows and targets agree (an all-gather of (N, V_r, a checksum of the
-    targets)); ValueError on every rank if they do not."""
+    that the arguments are good and the rows and targets agree (an all-gather of
+    (N, V_r, a checksum of the targets, an error flag)); an error on every rank if not
+    (this rank's own, or a ValueError naming the ranks whose checks failed)."""
     n, width = x.shape
+    err = _local_check(x, t, options)
     mix = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     check = int((t.astype(np.uint64) * mix).sum(dtype=np.uint64) & np.uint64(2 ** 62 - 1))
-    mine = torch.tensor([n, width, check], dtype=torch.int64)
+    mine = torch.tensor([n, width, check, err is not None], dtype=torch.int64)
     world = dist.get_world_size(group)
-    every = [torch.empty(3, dtype=torch.int64) for _ in range(world)]
+    every = [torch.empty(4, dtype=torch.int64) for _ in range(world)]
     _collective(dist.all_gather, "all-gather of the shards' shapes", every, mine, group=group)
+    if err is not None:
+        raise err
+    failed = [r for r, e in enumerate(every) if int(e[3])]
+    if failed:
+        raise ValueError(
+            "fastce.torch.vocab_parallel_cross_entropy: the arguments of rank(s) %s failed "
+            "their checks (their error says why); this rank's were good" % failed)
     rows = [int(e[0]) for e in every]
     widths = [int(e[1]) for e in every]
     if len(set(rows)) != 1:
@@ -94,7 +120,7 @@ def _forward(input, target, weight, group, num_classes, options, return_z_loss, 
     x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
     t = _to_numpy(target).reshape(-1)
     w = None if weight is None else _to_numpy(weight)
-    start, total = _shard_layout(x2, t, group, num_classes)
+    start, total = _shard_layout(x2, t, group, num_classes, options)
     st = _combined_state(x2, t, w, group, start, total, options)
     result = _fastce.shard_cross_entropy(
         x2, t, st, class_start=start, num_classes=total, weight=w,
@@ -187,10 +213,12 @@ def vocab_parallel_cross_entropy(local_logits, target, group=None, *, weight=Non
     ``logit_scale``, ``softcap``: as in :func:`fastce.torch.cross_entropy`.
     ``num_classes``: if given, the shards' widths must add up to it.
 
-    Errors: ranks whose rows or targets differ, or whose widths do not add up to
-    ``num_classes``, raise ``ValueError`` on every rank; a collective that fails (a
-    rank that died, or did not call in time: the group's ``timeout``) raises
-    ``RuntimeError`` naming it, not a hang beyond that timeout.
+    Errors: a rank whose arguments fail their checks (a shard of no classes, a bad
+    option) raises its own error and every other rank a ``ValueError`` naming it; ranks
+    whose rows or targets differ, or whose widths do not add up to ``num_classes``,
+    raise ``ValueError`` on every rank; a collective that fails (a rank that died, or
+    did not call in time: the group's ``timeout``) raises ``RuntimeError`` naming it,
+    not a hang beyond that timeout.
 
     Example (each of 2 processes, after ``torch.distributed.init_process_group("gloo")``)::
 
@@ -202,7 +230,7 @@ def vocab_parallel_cross_entropy(local_logits, target, group=None, *, weight=Non
         raise RuntimeError(
             "fastce.torch.vocab_parallel_cross_entropy needs torch.distributed initialized: "
             "call torch.distributed.init_process_group (e.g. backend='gloo') first")
-    _validate(local_logits, target, weight)
+    _validate(local_logits, target, weight, "fastce.torch.vocab_parallel_cross_entropy")
     if target.is_floating_point():
         raise TypeError("vocab_parallel_cross_entropy takes class-index targets; probability "
                         "targets are not supported")
@@ -212,9 +240,11 @@ def vocab_parallel_cross_entropy(local_logits, target, group=None, *, weight=Non
         raise ValueError(
             "target must have shape %s (local_logits' shape without its class axis, the "
             "last), got %s" % (_sample_shape(local_logits), tuple(target.shape)))
-    if num_classes is not None and (isinstance(num_classes, bool) or
-                                    not isinstance(num_classes, int)):
-        raise TypeError("num_classes must be an int or None, got %r" % (num_classes,))
+    if num_classes is not None:
+        if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes,
+                                                                     (int, np.integer)):
+            raise TypeError("num_classes must be an int or None, got %r" % (num_classes,))
+        num_classes = int(num_classes)
     extras = return_z_loss is not False or return_lse is not False
     if torch.is_grad_enabled() and local_logits.requires_grad:
         loss, zpart, lse = _VocabParallelFunction.apply(

@@ -8,8 +8,10 @@ d logits in one pass), then ``grad_hidden[chunk] = g @ linear_weight`` and
 dtype with no buffer of N x V. Ignored tokens are left out of the chunks (no GEMM
 work) unless their log-sum-exp is asked for. Chunks are taken in order and every sum
 over them is in that order, so a result depends on the chunk size only through the
-rounding of the GEMMs.
+rounding of the GEMMs and of each chunk's loss sum to the dtype.
 """
+import math
+
 import numpy as np
 
 from . import _core
@@ -114,11 +116,11 @@ def _chunk_rows(n, V, itemsize, chunk_size, memory_budget, hidden_bytes):
 
 def _run(hidden, linear_weight, target, linear_bias, weight, ignore_index, reduction,
          label_smoothing, z_loss, return_z_loss, return_lse, logit_scale, softcap,
-         chunk_size, memory_budget, n_threads, grad_output, want_grad, need=(True, True),
-         gemm=None):
-    """The chunked pass. need: (grad_weight, grad_bias) wanted (with want_grad; a
-    gradient not wanted comes back as None and costs nothing). gemm: the class of the
-    GEMMs (default _NumpyGemm)."""
+         chunk_size, memory_budget, n_threads, grad_output, want_grad,
+         need=(True, True, True), gemm=None):
+    """The chunked pass. need: (grad_hidden, grad_weight, grad_bias) wanted (with
+    want_grad; a gradient not wanted comes back as None and costs no GEMM). gemm: the
+    class of the GEMMs (default _NumpyGemm)."""
     h, W, t, b, sample_shape = _arrays(hidden, linear_weight, target, linear_bias)
     dtype = h.dtype
     n, V = h.shape[0], W.shape[0]
@@ -143,6 +145,13 @@ def _run(hidden, linear_weight, target, linear_bias, weight, ignore_index, reduc
     tk = np.where(ignored, 0, t)
     den = float(np.sum(w[tk[~ignored]], dtype=np.float64)) if w is not None \
         else float(np.count_nonzero(~ignored))
+    if reduction == "mean" and w is not None and den != 0 and abs(den) < 2.0 ** -64:
+        # the mean (and its gradient) is the same with every weight times one power of two;
+        # taken so the denominator is about 1, go / den stays in the dtype's range (as the
+        # kernel's own scale_weights does for one call)
+        e = -math.frexp(den)[1]
+        w = np.ldexp(w, e).astype(dtype)
+        den = math.ldexp(den, e)
     # the upstream gradient of each chunk's "sum" (or per-token, for "none")
     go0 = None if grad_output is None else _core.real_array(grad_output, "grad_output")
     if none:
@@ -163,15 +172,17 @@ def _run(hidden, linear_weight, target, linear_bias, weight, ignore_index, reduc
             (np.nan if reduction == "mean" else go0)
     opts = dict(weight=w, ignore_index=ignore_index, label_smoothing=label_smoothing,
                 z_loss=z_loss, logit_scale=logit_scale, softcap=softcap, n_threads=n_threads)
+    # the z part of a "mean" is wanted when the weights sum to 0 (_mean_parts)
+    want_z = return_z_loss or (reduction == "mean" and z_loss > 0)
     loss_tok = np.zeros(n, dtype) if none else None
     z_tok = np.zeros(n, dtype) if none and return_z_loss else None
     lse = np.empty(n, dtype) if return_lse else None
     loss_sum = z_sum = 0.0
     gh = gW = gb = None
     if want_grad:
-        gh = np.zeros_like(h)
-        gW = np.empty(W.shape, dtype) if need[0] else None  # the first chunk writes it all
-        gb = np.zeros(V, dtype) if b is not None and need[1] else None
+        gh = np.zeros_like(h) if need[0] else None
+        gW = np.empty(W.shape, dtype) if need[1] else None  # the first chunk writes it all
+        gb = np.zeros(V, dtype) if b is not None and need[2] else None
     buf = np.empty((min(rows, max(len(order), 1)), V), dtype)
     gemm = gemm() if gemm is not None else _NumpyGemm()
     first = True
@@ -186,7 +197,7 @@ def _run(hidden, linear_weight, target, linear_bias, weight, ignore_index, reduc
             logits += b
         tc = t[sel]
         red = "none" if none else "sum"
-        kw = dict(opts, reduction=red, return_z_loss=return_z_loss, return_lse=return_lse)
+        kw = dict(opts, reduction=red, return_z_loss=want_z, return_lse=return_lse)
         if want_grad:
             res = _core.cross_entropy_with_grad(
                 logits, tc, grad_output=go[sel] if none else go_scale, out=logits, **kw)
@@ -200,13 +211,15 @@ def _run(hidden, linear_weight, target, linear_bias, weight, ignore_index, reduc
                 z_tok[sel] = res[k]
         else:
             loss_sum += float(res[0])
-            if return_z_loss:
+            if want_z:
                 z_sum += float(res[k])
         if return_lse:
             lse[sel] = res[-1]
         if want_grad:
             g = logits
-            if contiguous:
+            if gh is None:
+                pass
+            elif contiguous:
                 gemm.mm(g, W, gh[sel])
             else:
                 gh[sel] = g @ W
@@ -232,8 +245,8 @@ def _run(hidden, linear_weight, target, linear_bias, weight, ignore_index, reduc
     extras = ([zpart] if return_z_loss else []) + \
         ([lse.reshape(sample_shape)] if return_lse else [])
     if want_grad:
-        grads = [gh.reshape(tuple(sample_shape) + (h.shape[-1],)), gW] + \
-            ([gb] if b is not None else [])
+        grads = [None if gh is None else gh.reshape(tuple(sample_shape) + (h.shape[-1],)),
+                 gW] + ([gb] if b is not None else [])
         return (loss, *grads, *extras)
     return (loss, *extras) if extras else loss
 
@@ -319,8 +332,10 @@ def linear_cross_entropy_with_grad(hidden, linear_weight, target, *, linear_bias
     ``linear_bias`` is given, then the z-loss part and the lse when asked. The
     gradients have the shapes and dtype of hidden, linear_weight and linear_bias;
     ``grad_output`` is as for :func:`fastce.cross_entropy_with_grad` (per token for
-    ``"none"``). Peak extra memory: one chunk of logits (it holds their gradient too)
-    and a buffer of at most 8 MiB, beyond the gradients returned.
+    ``"none"``). Peak extra memory beyond the gradients returned: one chunk of logits
+    (it holds their gradient too), a buffer of at most 8 MiB, and, when ignored tokens
+    break a chunk's rows apart, that chunk's hidden rows and grad_hidden rows (chunk x H)
+    gathered.
 
     Examples
     --------

@@ -105,17 +105,18 @@ def _is_functorch_wrapped(t):
     return check is not None and check(t)
 
 
-def _validate(input, target, weight):
+def _validate(input, target, weight, who="fastce.torch.cross_entropy"):
+    """The checks of a call's tensors; messages name the function `who`."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(
             "input must be a torch.Tensor, got %s" % type(input).__name__)
     for name, t in (("input", input), ("target", target), ("weight", weight)):
         if isinstance(t, torch.Tensor) and _is_functorch_wrapped(t):
             raise RuntimeError(
-                "fastce.torch.cross_entropy does not support torch.func transforms "
+                "%s does not support torch.func transforms "
                 "(vmap, grad, jacrev, ...): %s is a functorch-wrapped tensor, and the "
                 "kernel reads tensor memory directly; use "
-                "torch.nn.functional.cross_entropy inside the transform" % name)
+                "torch.nn.functional.cross_entropy inside the transform" % (who, name))
     if not isinstance(target, torch.Tensor):
         raise TypeError(
             "target must be a torch.Tensor, got %s" % type(target).__name__)
@@ -129,21 +130,21 @@ def _validate(input, target, weight):
         _check_cpu("weight", weight)
     if input.dtype not in _FLOAT_DTYPES:
         raise TypeError(
-            "fastce.torch.cross_entropy expects input of dtype torch.float32 "
+            "%s expects input of dtype torch.float32 "
             "or torch.float64, got %s%s"
-            % (input.dtype,
+            % (who, input.dtype,
                "; convert explicitly with input.float()"
                if input.dtype in (torch.float16, torch.bfloat16) else ""))
     if torch.is_grad_enabled():
         if weight is not None and weight.requires_grad:
             raise NotImplementedError(
-                "fastce.torch.cross_entropy is not differentiable with respect "
-                "to weight (neither is PyTorch's); pass weight.detach()")
+                "%s is not differentiable with respect "
+                "to weight (neither is PyTorch's); pass weight.detach()" % who)
         if target.requires_grad:
             raise NotImplementedError(
-                "fastce.torch.cross_entropy does not compute gradients with "
+                "%s does not compute gradients with "
                 "respect to probability targets; pass target.detach(), or use "
-                "torch.nn.functional.cross_entropy if you need that gradient")
+                "torch.nn.functional.cross_entropy if you need that gradient" % who)
 
 
 def _check_inplace(input):
