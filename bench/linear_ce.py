@@ -17,7 +17,6 @@ process and prints its peak RSS above the inputs (and the returned gradients).
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import time
 import numpy as np
 
 
-def contenders(N, H, V, dtype):
+def contenders(N, H, V, dtype, budgets=()):
     import torch
     import torch.nn.functional as F
 
@@ -64,7 +63,14 @@ def contenders(N, H, V, dtype):
         gW = logits.T @ h0
         return gh, gW
 
-    return {"fastce.torch.linear_cross_entropy": run_fastce,
+    def run_budget(mib):
+        h, W = leaves()
+        ft.linear_cross_entropy(h, W, t, memory_budget=mib << 20).backward()
+        return h.grad, W.grad
+
+    extra = {"fastce, memory_budget=%d MiB" % mib: (lambda mib=mib: run_budget(mib))
+             for mib in budgets}
+    return {"fastce.torch.linear_cross_entropy": run_fastce, **extra,
             "naive torch (linear + cross_entropy)": run_naive,
             "torch linear_cross_entropy (reference)": run_torch_ref,
             "torch linear_cross_entropy (chunked)": run_torch_chunked,
@@ -86,7 +92,7 @@ def timing(a):
     limit_threads(a.threads)
     for shape in a.shapes.split(","):
         N, H, V = (int(v) for v in shape.split("x"))
-        fns = contenders(N, H, V, torch.float32)
+        fns = contenders(N, H, V, torch.float32, a.budgets)
         times = {k: [] for k in fns}
         for f in fns.values():  # warm-up
             f()
@@ -104,15 +110,36 @@ def timing(a):
             print("  %-42s %8.3f s  %5.2fx fastce  %5.2fx GEMMs" % (k, m, m / ref, m / floor))
 
 
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError("no %s in /proc/self/status" % field)
+
+
+def reset_peak_rss():
+    """Reset the peak RSS (Linux: clear_refs 5) and return the current RSS in KiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS")
+
+
+def peak_rss():
+    return _status_kb("VmHWM")
+
+
 def memory_one(a):
     """(in a fresh process) peak RSS above the inputs of one contender's call"""
     import torch
     limit_threads(a.threads)
     N, H, V = (int(v) for v in a.shapes.split(",")[0].split("x"))
-    fns = contenders(N, H, V, torch.float32)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fns = contenders(N, H, V, torch.float32, a.budgets)
+    import gc
+    gc.collect()
+    base = reset_peak_rss()
     out = fns[a.one]()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss()
     returned = sum(x.numel() * x.element_size() for x in out)
     print(json.dumps({"peak_above_inputs_mb": (peak - base) / 1024,
                       "returned_mb": returned / 2 ** 20}))
@@ -124,9 +151,10 @@ def memory(a):
               "torch linear_cross_entropy (reference)", "torch linear_cross_entropy (chunked)"]
     print("peak RSS above the inputs, N=%d H=%d V=%d float32 (naive logits: %.0f MB)"
           % (N, H, V, N * V * 4 / 2 ** 20))
-    for k in labels:
+    for k in labels + ["fastce, memory_budget=%d MiB" % mib for mib in a.budgets]:
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--shapes", a.shapes,
-                            "--threads", str(a.threads), "--one", k],
+                            "--threads", str(a.threads), "--one", k] +
+                           (["--budgets", ",".join(map(str, a.budgets))] if a.budgets else []),
                            capture_output=True, text=True, check=True)
         m = json.loads(r.stdout.strip().splitlines()[-1])
         print("  %-42s %8.0f MB (of which returned gradients %.0f MB)"
@@ -139,6 +167,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--budgets", type=lambda v: [int(b) for b in v.split(",")], default=[],
+                    help="also fastce with these memory budgets (MiB), e.g. 64,256")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
