@@ -6,10 +6,11 @@ import pytest
 
 import fastce
 import fastce._core
+import fastce.linear
 import fastce.reference
 
 
-@pytest.mark.parametrize("module", [fastce, fastce._core, fastce.reference],
+@pytest.mark.parametrize("module", [fastce, fastce._core, fastce.reference, fastce.linear],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(isa, module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

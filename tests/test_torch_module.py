@@ -262,8 +262,14 @@ def test_module_weight_buffer_and_options():
 
 
 def test_docstring_examples():
+    import fastce._torch_linear
+    import fastce._torch_vocab_parallel
     res = doctest.testmod(ft, verbose=False)
     assert res.attempted >= 4 and res.failed == 0
+    # the functions fastce.torch takes from its own modules
+    res = doctest.testmod(fastce._torch_linear, verbose=False)
+    assert res.attempted >= 8 and res.failed == 0
+    assert doctest.testmod(fastce._torch_vocab_parallel, verbose=False).failed == 0
 
 
 # ---------------------------------------------------- autograd details
