@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import linear as _linear
-from .torch import _check_cpu, _loss_to_tensor, _to_numpy
+from ._torch_common import _check_cpu, _loss_to_tensor, _to_numpy
 
 _N_INPUTS = 15  # the arguments of _LinearCrossEntropyFunction.forward after ctx
 

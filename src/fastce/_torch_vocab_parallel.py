@@ -20,7 +20,7 @@ import torch.distributed as dist
 import fastce as _fastce
 from fastce._core import _rescale_states
 
-from .torch import _empty_grad, _loss_to_tensor, _to_numpy, _validate
+from ._torch_common import _empty_grad, _loss_to_tensor, _to_numpy, _validate
 
 _N_INPUTS = 13  # the arguments of _VocabParallelFunction.forward after ctx
 

@@ -80,71 +80,8 @@ import fastce as _fastce
 __all__ = ["cross_entropy", "CrossEntropyLoss", "vocab_parallel_cross_entropy",
            "linear_cross_entropy", "LinearCrossEntropyLoss"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64)
-
-
-def _check_cpu(name, t):
-    if t.device.type != "cpu":
-        raise RuntimeError(
-            "fastce.torch supports CPU tensors only, but %s is on device %r; "
-            "move it to the CPU (tensor.cpu()) or use "
-            "torch.nn.functional.cross_entropy for %s tensors"
-            % (name, str(t.device), t.device.type)
-        )
-
-
-def _to_numpy(t):
-    """Share the tensor's memory with NumPy (no copy, any strides)."""
-    # resolve_neg/resolve_conj are no-ops (return self) unless a lazy
-    # negation/conjugation bit is set, which .numpy() refuses.
-    return t.detach().resolve_neg().resolve_conj().numpy()
-
-
-def _is_functorch_wrapped(t):
-    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return check is not None and check(t)
-
-
-def _validate(input, target, weight, who="fastce.torch.cross_entropy"):
-    """The checks of a call's tensors; messages name the function `who`."""
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(
-            "input must be a torch.Tensor, got %s" % type(input).__name__)
-    for name, t in (("input", input), ("target", target), ("weight", weight)):
-        if isinstance(t, torch.Tensor) and _is_functorch_wrapped(t):
-            raise RuntimeError(
-                "%s does not support torch.func transforms "
-                "(vmap, grad, jacrev, ...): %s is a functorch-wrapped tensor, and the "
-                "kernel reads tensor memory directly; use "
-                "torch.nn.functional.cross_entropy inside the transform" % (who, name))
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(
-            "target must be a torch.Tensor, got %s" % type(target).__name__)
-    if weight is not None and not isinstance(weight, torch.Tensor):
-        raise TypeError(
-            "weight must be a torch.Tensor or None, got %s"
-            % type(weight).__name__)
-    _check_cpu("input", input)
-    _check_cpu("target", target)
-    if weight is not None:
-        _check_cpu("weight", weight)
-    if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            "%s expects input of dtype torch.float32 "
-            "or torch.float64, got %s%s"
-            % (who, input.dtype,
-               "; convert explicitly with input.float()"
-               if input.dtype in (torch.float16, torch.bfloat16) else ""))
-    if torch.is_grad_enabled():
-        if weight is not None and weight.requires_grad:
-            raise NotImplementedError(
-                "%s is not differentiable with respect "
-                "to weight (neither is PyTorch's); pass weight.detach()" % who)
-        if target.requires_grad:
-            raise NotImplementedError(
-                "%s does not compute gradients with "
-                "respect to probability targets; pass target.detach(), or use "
-                "torch.nn.functional.cross_entropy if you need that gradient" % who)
+from ._torch_common import (_FLOAT_DTYPES, _check_cpu, _empty_grad,  # noqa: F401
+                            _is_functorch_wrapped, _loss_to_tensor, _to_numpy, _validate)
 
 
 def _check_inplace(input):
@@ -158,25 +95,6 @@ def _check_inplace(input):
             "inplace_backward=True writes the gradient over input, which must be "
             "C-contiguous; got strides %s for shape %s (use inplace_backward=False, "
             "or input.contiguous())" % (tuple(input.stride()), tuple(input.shape)))
-
-
-def _empty_grad(shape, dtype):
-    """A fresh C-contiguous tensor for a gradient, allocated by NumPy and shared: NumPy
-    asks the kernel for transparent huge pages on large arrays (madvise), torch.empty
-    does not, and first-touch page faults then dominate. Zen 4, (4096, 32000) float32,
-    allocate + write: 57 ms through NumPy, 230 ms through torch.empty."""
-    return torch.from_numpy(np.empty(shape, dtype=np.float32 if dtype == torch.float32
-                                     else np.float64))
-
-
-def _loss_to_tensor(loss, dtype):
-    # "mean"/"sum": NumPy scalar -> 0-d tensor; "none": ndarray -> tensor
-    # sharing its memory (fastce returns a fresh array).
-    a = np.asarray(loss, dtype=np.float32 if dtype == torch.float32
-                   else np.float64)
-    if not (a.flags.writeable and a.flags.c_contiguous):
-        a = np.array(a, order="C")   # keeps ndim (0-d stays 0-d)
-    return torch.from_numpy(a)
 
 
 _N_INPUTS = 12  # the arguments of _CrossEntropyFunction.forward after ctx
