@@ -47,6 +47,10 @@ def run_case(case, rank):
     if case.get("target_differs") and rank == 1:
         t = t.copy()
         t[0] = (t[0] + 1) % sum(widths)
+    if case.get("three_d"):  # (2, N / 2, V_r) logits, non-contiguous, and (2, N / 2) targets
+        n = local.shape[0]
+        local = local.t().contiguous().t().reshape(2, n // 2, -1)
+        t = t.reshape(2, n // 2)
     local.requires_grad_(True)
     opts = dict(case.get("options", {}))
     if w is not None:
@@ -55,12 +59,13 @@ def run_case(case, rank):
     loss = out[0] if isinstance(out, tuple) else out
     go = None
     if opts.get("reduction") == "none":
-        go = torch.tensor(np.random.default_rng(case["seed"] + 1).standard_normal(len(t)),
-                          dtype=local.dtype)
+        go = torch.tensor(np.random.default_rng(case["seed"] + 1).standard_normal(t.size),
+                          dtype=local.dtype).reshape(t.shape)
         loss.backward(go)
     else:
         loss.backward()
-    res = {"loss": loss.detach().numpy(), "grad": local.grad.numpy()}
+    res = {"loss": loss.detach().numpy().reshape(-1) if loss.dim() else loss.detach().numpy(),
+           "grad": local.grad.numpy().reshape(-1, local.shape[-1])}
     if isinstance(out, tuple):
         for i, e in enumerate(out[1:]):
             res["extra%d" % i] = e.numpy()

@@ -388,6 +388,8 @@ CASES = [
     dict(seed=3, N=40, dtype="float32", options=dict(reduction="sum", logit_scale=0.5),
          ignore=0.5),
     dict(seed=4, N=0, dtype="float32", options={}),
+    dict(seed=12, N=40, dtype="float32", options=dict(reduction="none", label_smoothing=0.1),
+         three_d=True),
 ]
 
 
