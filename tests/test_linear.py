@@ -11,6 +11,7 @@ becomes rtol * scale * sum |W| in grad_hidden (and sum |h| in grad_weight), and 
 own rounding adds 2 K u (|G| @ |W|) (K the inner dimension).
 """
 import gc
+import os
 import tracemalloc
 
 import numpy as np
@@ -211,6 +212,64 @@ def test_linear_peak_memory(isa):
     extra = peak - returned
     assert extra <= budget + 8 * 2**20 + 2**20, (extra, budget)
     assert extra < naive / 4
+
+
+PEAK_SCRIPT = r"""
+import gc, json, sys
+import torch
+import fastce.torch as ft
+N, H, V, budget = (int(v) for v in sys.argv[1:5])
+budget = budget or None
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+h = torch.randn(N, H, generator=g, requires_grad=True)
+W = (torch.randn(V, H, generator=g) * 0.05).requires_grad_(True)
+t = torch.randint(0, V, (N,), generator=g)
+def kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS
+base = kb("VmRSS")
+ft.linear_cross_entropy(h, W, t, memory_budget=budget).backward()
+peak = kb("VmHWM")
+returned = (h.grad.numel() + W.grad.numel()) * 4
+print(json.dumps({"extra": (peak - base) * 1024 - returned}))
+"""
+
+
+def torch_peak_extra(N, H, V, budget):
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(N), str(H), str(V),
+                        str(budget)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])["extra"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux peak RSS")
+def test_torch_linear_peak_rss(isa):
+    # fastce.torch in a fresh process: peak RSS beyond the returned gradients, one
+    # chunk of logits (8 MiB here) and small change, against the naive logits (131 MB)
+    if isa != fastce.available_isas()[0]:
+        pytest.skip("ISA-independent; once")
+    N, H, V = 1024, 256, 32000
+    extra = torch_peak_extra(N, H, V, 8 << 20)
+    naive = N * V * 4
+    assert extra < naive / 4, (extra, naive)
+
+
+@pytest.mark.skipif(os.environ.get("FASTCE_BIG") != "1", reason="opt-in: FASTCE_BIG=1")
+def test_torch_linear_peak_rss_llm_head(isa):
+    # the issue's case: (4096, 1024) hidden, V = 128256, float32, the default budget:
+    # below a quarter of the naive logits (2.1 GB) beyond the gradients returned
+    if isa != fastce.available_isas()[0]:
+        pytest.skip("ISA-independent; once")
+    N, H, V = 4096, 1024, 128256
+    extra = torch_peak_extra(N, H, V, 0)
+    assert extra < N * V * 4 / 4, extra
 
 
 def test_linear_errors(isa):
