@@ -181,6 +181,23 @@ def test_more_than_2_31_elements(isa):
 #   thousands to 10**5.
 ITER, WARM, SLACK, HEAP_SLACK = 100_000, 5_000, 2**20, 16 * 2**10
 ONCE = "ISA-independent (binding, planner, scratch): run once, on the fastest ISA"
+def in_fresh_process(request):
+    """Run this test again in a fresh interpreter (pytest on its node id) and return True
+    there; False when already in it. RSS growth depends on what ran before in the
+    process: allocator pools that other tests left with free room absorb a small leak
+    (test_the_leak_check_can_fail saw 1028096 of 1048576 bytes after test_linear.py)."""
+    if os.environ.get("FASTCE_FRESH_PROCESS") == "1":
+        return False
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        request.node.nodeid], cwd=str(request.config.rootpath),
+                       env=dict(os.environ, FASTCE_FRESH_PROCESS="1"),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    return True
+
+
 needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
                                 reason="RSS is read from /proc/self/statm (Linux)")
 
@@ -272,12 +289,14 @@ def _numpy_steps():
 
 
 @needs_proc
-def test_the_leak_check_can_fail(isa):
+def test_the_leak_check_can_fail(isa, request):
     # 64 bytes kept per iteration in pymalloc (a 31-byte bytes object: 33 bytes of
     # header, the 64-byte size class): RSS sees it; 600 bytes in malloc (a bytearray's
     # buffer, above pymalloc's 512) for 100 iterations: the heap check sees it
     if isa != fastce.available_isas()[-1]:
         pytest.skip(ONCE)
+    if in_fresh_process(request):
+        return
     keep = []
     rss, _ = _growth(lambda: keep.append(bytes(31)), ITER)
     assert rss > SLACK
@@ -292,9 +311,11 @@ def test_the_leak_check_can_fail(isa):
 
 
 @needs_proc
-def test_no_leak_per_call(isa):
+def test_no_leak_per_call(isa, request):
     if isa != fastce.available_isas()[-1]:
         pytest.skip(ONCE)
+    if in_fresh_process(request):
+        return
     main_calls, other_calls, errors = _numpy_steps()
     _assert_flat(main_calls, ITER, "4 calls of the main kinds")
     _assert_flat(other_calls, ITER // 2, "4 calls of other kinds")
@@ -302,7 +323,7 @@ def test_no_leak_per_call(isa):
 
 
 @needs_proc
-def test_no_leak_large_calls(isa):
+def test_no_leak_large_calls(isa, request):
     # Inputs that take every heap allocation of csrc/fastce_planner.c, all made and
     # freed once per call on the calling thread (sizes scale with the thread count):
     # more than 64 work items (partial sums on the heap), a gradient of whole rows (the
@@ -311,6 +332,8 @@ def test_no_leak_large_calls(isa):
     # block leaked per call (50 * 8 * 32 bytes > HEAP_SLACK), RSS a leak of ~3 KiB.
     if isa != fastce.available_isas()[-1]:
         pytest.skip(ONCE)
+    if in_fresh_process(request):
+        return
     rng = np.random.default_rng(1)
     cases = [(rng.standard_normal((2080, 1024)).astype(np.float32), rng.integers(0, 1024, 2080)),
              (rng.standard_normal((64, 2048)).astype(np.float32), rng.integers(0, 2048, 64)),
@@ -330,9 +353,11 @@ def test_no_leak_large_calls(isa):
 
 
 @needs_proc
-def test_no_leak_torch_module(isa):
+def test_no_leak_torch_module(isa, request):
     if isa != fastce.available_isas()[-1]:
         pytest.skip(ONCE)
+    if in_fresh_process(request):
+        return
     torch = pytest.importorskip("torch")
     import fastce.torch as ft
 
