@@ -63,6 +63,20 @@ def calibrate(fn: Callable[[], object], min_time: float) -> int:
         number = max(number + 1, min(want, number * 100))
 
 
+def interleaved_times(fns: Dict[str, Callable[[], object]], repeat: int) -> Dict[str, List[float]]:
+    """Seconds of one call of each function, ``repeat`` rounds that call every function in
+    turn (after one warm-up call each): noise that drifts hits them all alike."""
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(repeat):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def summarize_times(times: Iterable[float]) -> Dict[str, float]:
     t = np.asarray(list(times), dtype=np.float64)
     q1, med, q3 = np.percentile(t, [25, 50, 75])

@@ -19,9 +19,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
+
+from _util import interleaved_times
 
 
 def contenders(N, H, V, dtype, budgets=()):
@@ -93,14 +94,7 @@ def timing(a):
     for shape in a.shapes.split(","):
         N, H, V = (int(v) for v in shape.split("x"))
         fns = contenders(N, H, V, torch.float32, a.budgets)
-        times = {k: [] for k in fns}
-        for f in fns.values():  # warm-up
-            f()
-        for _ in range(a.repeat):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved_times(fns, a.repeat)
         ref = np.median(times["fastce.torch.linear_cross_entropy"])
         floor = np.median(times["three GEMMs alone (floor)"])
         print("N=%d H=%d V=%d float32, %d thread(s), forward+backward, medians of %d "

@@ -10,9 +10,10 @@ with softcap + z-loss; prints each median and its ratio to the plain call of its
 is the quick side-by-side of every option.)
 """
 import argparse
-import time
 
 import numpy as np
+
+from _util import interleaved_times
 
 import fastce
 
@@ -42,14 +43,7 @@ def main():
             "fwd+bwd softcap+z": lambda: ceg(x, t, softcap=30.0, z_loss=1e-4, out=buf,
                                              n_threads=nt),
         }
-        times = {k: [] for k in fns}
-        for f in fns.values():
-            f()
-        for _ in range(a.repeat):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved_times(fns, a.repeat)
         med = {k: float(np.median(v)) for k, v in times.items()}
         print(f"float32 {shape}, {nt} thread(s), ISA {fastce.get_isa()}, medians of {a.repeat}:")
         for k, v in med.items():

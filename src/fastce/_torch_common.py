@@ -89,3 +89,13 @@ def _loss_to_tensor(loss, dtype):
     if not (a.flags.writeable and a.flags.c_contiguous):
         a = np.array(a, order="C")   # keeps ndim (0-d stays 0-d)
     return torch.from_numpy(a)
+
+
+def _outputs(ctx, loss, extras, dtype, return_z_loss, return_lse):
+    """An autograd Function's (loss, z part, lse) as tensors of dtype: the z part and
+    the lse (None where not asked) marked as outputs without a gradient."""
+    extras = [_loss_to_tensor(e, dtype) for e in extras]
+    ctx.mark_non_differentiable(*extras)
+    zpart = extras.pop(0) if return_z_loss else None
+    lse = extras.pop(0) if return_lse else None
+    return _loss_to_tensor(loss, dtype), zpart, lse

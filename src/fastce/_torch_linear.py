@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import linear as _linear
-from ._torch_common import _check_cpu, _loss_to_tensor, _to_numpy
+from ._torch_common import _check_cpu, _loss_to_tensor, _outputs, _to_numpy
 
 _N_INPUTS = 15  # the arguments of _LinearCrossEntropyFunction.forward after ctx
 
@@ -97,11 +97,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             k = 3 if b is not None else 2
             ctx.grads = [_tensor(g) for g in rest[:k]] + ([None] if b is None else [])
             rest = rest[k:]
-        extras = [_loss_to_tensor(e, input.dtype) for e in rest]
-        ctx.mark_non_differentiable(*extras)
-        zpart = extras.pop(0) if return_z_loss else None
-        lse = extras.pop(0) if return_lse else None
-        return _loss_to_tensor(loss, input.dtype), zpart, lse
+        return _outputs(ctx, loss, rest, input.dtype, return_z_loss, return_lse)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_zpart=None, _grad_lse=None):

@@ -81,7 +81,8 @@ __all__ = ["cross_entropy", "CrossEntropyLoss", "vocab_parallel_cross_entropy",
            "linear_cross_entropy", "LinearCrossEntropyLoss"]
 
 from ._torch_common import (_FLOAT_DTYPES, _check_cpu, _empty_grad,  # noqa: F401
-                            _is_functorch_wrapped, _loss_to_tensor, _to_numpy, _validate)
+                            _is_functorch_wrapped, _loss_to_tensor, _outputs, _to_numpy,
+                            _validate)
 
 
 def _check_inplace(input):
@@ -144,11 +145,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             # (compared in NumPy: no overflow for unsigned targets).
             ctx.ignored = torch.from_numpy(np.asarray(t == ignore_index))
         # the z-loss part and the lse are outputs without a gradient (None if not asked)
-        extras = [_loss_to_tensor(e, input.dtype) for e in extras]
-        ctx.mark_non_differentiable(*extras)
-        zpart = extras.pop(0) if return_z_loss else None
-        lse = extras.pop(0) if return_lse else None
-        return _loss_to_tensor(loss, input.dtype), zpart, lse
+        return _outputs(ctx, loss, extras, input.dtype, return_z_loss, return_lse)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_zpart=None, _grad_lse=None):
