@@ -27,27 +27,43 @@ def variants():
     return out
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
-@pytest.mark.skipif(not os.path.isdir(CSRC), reason="source tree not available")
-@pytest.mark.parametrize("openmp", [[], ["-fopenmp"]], ids=["serial", "openmp"])
-def test_kernel_compiles_without_warnings(isa, tmp_path, openmp):
+# setup.py's flags (C_FLAGS) plus -Werror; the kernel objects are compiled once, with
+# OpenMP, and serve both the warnings check and the baseline-instruction check below
+# (fastce_kernel.c has no OpenMP pragma; the files that do are compiled both ways).
+WERROR_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-Werror", "-fno-math-errno", "-fwrapv"]
+HAVE_CC = shutil.which("cc") is not None and os.path.isdir(CSRC)
+
+
+@pytest.fixture(scope="module")
+def kernel_objects(tmp_path_factory):
+    """{(isa, dtype): object path}: fastce_kernel.c for every variant and dtype, -Werror."""
+    out = tmp_path_factory.mktemp("kernels")
+    objs = {(name, dtype): out / f"k_{name}_{dtype}.o" for name in variants() for dtype in ("32", "64")}
+    compile_all([["cc", *WERROR_FLAGS, "-fopenmp", *variants()[name], f"-DFCE_DTYPE={dtype}",
+                  f"-DFCE_ISA={name}", "-c", os.path.join(CSRC, "fastce_kernel.c"), "-o", str(obj)]
+                 for (name, dtype), obj in objs.items()])
+    return objs
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler or no source tree")
+def test_kernel_compiles_without_warnings(isa, tmp_path, kernel_objects):
     if isa != fastce.available_isas()[0]:
         pytest.skip("ISA-independent; compiled once")
-    flags = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fno-math-errno", "-fwrapv"] + openmp
-    table = variants()
-    assert "scalar" in table
+    assert "scalar" in variants() and all(o.stat().st_size > 0 for o in kernel_objects.values())
+    # the kernel objects were compiled with -fopenmp only: that covers the serial build
+    # as long as no file but the planner holds an OpenMP pragma
+    with_omp = sorted(f for f in os.listdir(CSRC) if f.endswith((".c", ".h"))
+                      and "#pragma omp" in open(os.path.join(CSRC, f)).read())
+    assert with_omp == ["fastce_planner.c"], with_omp
     cmds = []
-    for name, extra in table.items():
+    for tag, openmp in (("serial", []), ("openmp", ["-fopenmp"])):
         for dtype in ("32", "64"):
-            cmds.append(["cc", *flags, *extra, f"-DFCE_DTYPE={dtype}", f"-DFCE_ISA={name}",
-                         "-c", os.path.join(CSRC, "fastce_kernel.c"),
-                         "-o", str(tmp_path / f"k_{name}_{dtype}.o")])
-    for dtype in ("32", "64"):
-        cmds.append(["cc", *flags, f"-DFCE_DTYPE={dtype}", "-c",
-                     os.path.join(CSRC, "fastce_planner.c"), "-o", str(tmp_path / f"planner_{dtype}.o")])
-    for once in ("fastce_dispatch.c", "fastce_shards.c"):
-        cmds.append(["cc", *flags, "-c", os.path.join(CSRC, once),
-                     "-o", str(tmp_path / once.replace(".c", ".o"))])
+            cmds.append(["cc", *WERROR_FLAGS, *openmp, f"-DFCE_DTYPE={dtype}", "-c",
+                         os.path.join(CSRC, "fastce_planner.c"),
+                         "-o", str(tmp_path / f"planner_{dtype}_{tag}.o")])
+        for once in ("fastce_dispatch.c", "fastce_shards.c"):
+            cmds.append(["cc", *WERROR_FLAGS, *openmp, "-c", os.path.join(CSRC, once),
+                         "-o", str(tmp_path / once.replace(".c", f"_{tag}.o"))])
     compile_all(cmds)
 
 
@@ -111,20 +127,13 @@ def compile_all(cmds):
 # The baseline variants must run on any x86-64: no AVX instruction may be in the
 # scalar and SSE2 objects (a stray -mavx, or an intrinsic outside its #if, would put
 # ymm/zmm registers there). Compiled as setup.py compiles them, then disassembled.
-@pytest.mark.skipif(shutil.which("cc") is None or shutil.which("objdump") is None,
-                    reason="no C compiler or objdump")
-@pytest.mark.skipif(not os.path.isdir(CSRC), reason="source tree not available")
+@pytest.mark.skipif(not HAVE_CC or shutil.which("objdump") is None,
+                    reason="no C compiler, objdump or source tree")
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 only")
-def test_baseline_variants_have_no_avx(isa, tmp_path):
+def test_baseline_variants_have_no_avx(isa, kernel_objects):
     if isa != fastce.available_isas()[0]:
         pytest.skip("ISA-independent; compiled once")
-    flags = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno", "-fwrapv", "-fopenmp"]
-    table = variants()
-    objs = {(name, dtype): tmp_path / f"k_{name}_{dtype}.o"
-            for name in ("scalar", "sse2", "avx2") for dtype in ("32", "64")}
-    compile_all([["cc", *flags, *table[name], f"-DFCE_DTYPE={dtype}", f"-DFCE_ISA={name}", "-I",
-                  CSRC, "-c", os.path.join(CSRC, "fastce_kernel.c"), "-o", str(obj)]
-                 for (name, dtype), obj in objs.items() if name != "avx2" or dtype == "32"])
+    objs = kernel_objects
     for name in ("scalar", "sse2"):
         for dtype in ("32", "64"):
             asm = subprocess.run(["objdump", "-d", str(objs[name, dtype])], check=True,

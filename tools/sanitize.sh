@@ -17,7 +17,8 @@
 #      self.compiler.compile get them as well as the Cython module; this script checks
 #      that: every object file must call __asan_report_* and __ubsan_handle_*, and
 #      _core*.so must need libasan and libubsan, or it stops. (-g1: line tables for
-#      the reports' stack traces; it overrides Python's -g and saves ~25% of the build.)
+#      the reports' stack traces; it overrides Python's -g and saves ~25% of the build;
+#      -fno-tree-pta roughly halves the UBSan compiles, see SAN below.)
 #      The compiles run SANITIZE_JOBS (default: the CPU count) at a time (a wrapper
 #      around gcc, see below).
 #   3. Installs the wheel (--no-deps) into a temporary --target directory put first on
@@ -105,7 +106,10 @@ else
     SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
     HALT=1
 fi
-SAN="$SAN ${SANITIZE_EXTRA_CFLAGS:-}"
+# -fno-tree-pta: GCC 12's points-to analysis takes ~40 % of a UBSan-instrumented kernel
+# compile (the inlined paths are large): measured on Zen 4, one avx512 float32 object,
+# 162 s -> 91 s with UBSan alone. It is an optimisation analysis only (no check is lost).
+SAN="$SAN -fno-tree-pta ${SANITIZE_EXTRA_CFLAGS:-}"
 LIBASAN="$("$CC" -print-file-name=libasan.so)"
 LIBUBSAN="$("$CC" -print-file-name=libubsan.so)"
 [ -f "$LIBASAN" ] && [ -f "$LIBUBSAN" ] ||
