@@ -30,7 +30,11 @@ HEADERS = [os.path.join(CSRC, h) for h in sorted(os.listdir(os.path.join(HERE, C
 # scalar variant's 1-lane bit select without it (now avoided in csrc/simd.h, vselect;
 # tests/test_build.py checks vtanh built without -fwrapv), and the flag keeps that
 # class of compiler trouble away.
-C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno", "-fwrapv"]
+# The optimisation level is -O3 unless the environment's CFLAGS name one (setuptools
+# puts CFLAGS before these flags, where ours would override it): CFLAGS="-O1 -g" builds
+# a debug or sanitizer build at that level (tools/sanitize.sh uses -O1).
+OPT_LEVEL = ([f for f in shlex.split(os.environ.get("CFLAGS", "")) if f.startswith("-O")] or ["-O3"])[-1]
+C_FLAGS = ["-std=c11", OPT_LEVEL, "-Wall", "-Wextra", "-fno-math-errno", "-fwrapv"]
 
 
 def read_variants(machine):
