@@ -56,7 +56,7 @@ BAD_LOGITS_DTYPES = [
     ("bool", lambda: _logits() > 1),
     ("complex", lambda: _logits().astype(np.complex128)),
     ("object", lambda: _logits().astype(object)),
-    ("float16", lambda: _logits().astype(np.float16)),
+    ("longdouble", lambda: _logits().astype(np.longdouble)),
     ("str", lambda: _logits().astype(str)),
     ("int_list", lambda: [[1, 2, 3, 4, 5]] * N),
 ]
@@ -139,9 +139,9 @@ CE_INDEX_ERRORS = [
 # expected. Both modules share one normaliser, so one table serves both; every case
 # above must have an entry (a new case without one fails at collection).
 _DT = {"int64": "int64", "int32": "int32", "bool": "bool", "complex": "complex128",
-       "object": "object", "float16": "float16", "str": "<U", "int_list": "int64"}
+       "object": "object", "longdouble": "float128", "str": "<U", "int_list": "int64"}
 MESSAGES = {
-    **{f"logits_{k}": rf"^logits must have dtype float32 or float64, got {v}" for k, v in _DT.items()},
+    **{f"logits_{k}": rf"^logits must have dtype float32, float64, float16 or bfloat16 \(ml_dtypes\), got {v}" for k, v in _DT.items()},
     "target_bool": r"^target must hold class indices \(an integer dtype\) or class probabilities "
                    r"\(a float dtype\), got dtype bool",
     "target_str": r"^target must hold class indices .*, got dtype <U",

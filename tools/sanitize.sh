@@ -10,7 +10,7 @@
 #      is built or written in the repository.
 #   2. Builds a wheel there with gcc and
 #        CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer
-#                -fno-sanitize-recover=undefined -O1 -fno-tree-pta -g1"
+#                -fno-sanitize-recover=undefined -O2 -fno-tree-pta -g1"
 #      (LDFLAGS: -fsanitize=...)
 #      (pip, with build isolation: setuptools, Cython and NumPy 2.x from PyPI or pip's
 #      cache, as tools/build_wheel.sh does). setuptools puts CFLAGS into the compiler
@@ -108,9 +108,9 @@ fi
 # -fno-tree-pta: GCC 12's points-to analysis takes ~40 % of a UBSan-instrumented kernel
 # compile (the inlined paths are large): measured on Zen 4, one avx512 float32 object,
 # 162 s -> 91 s with UBSan alone. It is an optimisation analysis only (no check is lost).
-# -O1 (setup.py takes the -O level of CFLAGS): the level ASan's documentation advises,
-# and 129 s instead of 212 s for that object with both sanitizers (Zen 5).
-SAN="$SAN -O1 -fno-tree-pta ${SANITIZE_EXTRA_CFLAGS:-}"
+# -O2 (setup.py takes the -O level of CFLAGS): quicker to build than -O3, and the lowest
+# level at which GCC forms the FMAs the exp's accuracy relies on (setup.py, C_FLAGS).
+SAN="$SAN -O2 -fno-tree-pta ${SANITIZE_EXTRA_CFLAGS:-}"
 LIBASAN="$("$CC" -print-file-name=libasan.so)"
 LIBUBSAN="$("$CC" -print-file-name=libubsan.so)"
 [ -f "$LIBASAN" ] && [ -f "$LIBUBSAN" ] ||

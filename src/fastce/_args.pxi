@@ -10,6 +10,7 @@ cdef object _MaskedArray = np.ma.MaskedArray
 cdef object _F32 = np.dtype(np.float32)
 cdef object _F64 = np.dtype(np.float64)
 cdef object _I64 = np.dtype(np.int64)
+cdef object _F16 = np.dtype(np.float16)
 cdef dict _REDUCTION_CODES = {"none": FCE_REDUCE_NONE, "mean": FCE_REDUCE_MEAN,
                               "sum": FCE_REDUCE_SUM}
 
@@ -47,21 +48,39 @@ cdef str _out_dtype_message(dtype, got):
     return f"out must have the logits' dtype {dtype}, got {got}"
 
 
+cdef bint _is_half(dt):
+    """float16 (any byte order), or ml_dtypes' bfloat16, recognised by its name and
+    size (fastce does not import ml_dtypes; NumPy converts it through ml_dtypes' casts)."""
+    return (dt.kind == "f" and dt.itemsize == 2) or (
+        dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16")
+
+
 cdef object _as_logits(logits):
-    """logits as an ndarray of float32/float64 in native byte order, at least 1-D."""
+    """logits as an ndarray of float32/float64 in native byte order, or of a half
+    dtype (float16, bfloat16: see _compute_logits), at least 1-D."""
     a = logits if type(logits) is np.ndarray else np.asarray(logits)
     dt = a.dtype
-    if dt is not _F32 and dt is not _F64 and dt != _F32 and dt != _F64:
+    if dt is not _F32 and dt is not _F64 and dt != _F32 and dt != _F64 and not _is_half(dt):
         if dt.kind == "f" and dt.itemsize in (4, 8) and not dt.isnative:
             # non-native byte order: one conversion, as for every other argument
             a = a.astype(dt.newbyteorder("="))
         else:
-            raise TypeError(f"logits must have dtype float32 or float64, got {dt}; convert "
-                            "them explicitly (e.g. logits.astype(np.float32))")
+            raise TypeError(f"logits must have dtype float32, float64, float16 or bfloat16 "
+                            f"(ml_dtypes), got {dt}; convert them explicitly (e.g. "
+                            "logits.astype(np.float32))")
     if a.ndim == 0:
         raise ValueError("logits must have at least one dimension: (C,), (N, C) or "
                          "(N, C, d1, ...), got a 0-d array")
     return a
+
+
+cdef object _compute_logits(a):
+    """The logits the kernel reads: half-precision logits (float16, bfloat16) as a
+    float32 copy (exact: every half value is a float32), in which everything is computed;
+    float32/float64 logits as they are. Half results are float32 (loss, z part, lse) or,
+    for the arrays of the logits' shape (gradient, log-softmax), rounded once from float32
+    to the logits' dtype."""
+    return a.astype(_F32) if _is_half(a.dtype) else a
 
 
 cdef object _native(a):
@@ -71,7 +90,7 @@ cdef object _native(a):
 cdef object _real_array(value, str name):
     """value as an ndarray of an integer or float dtype, native byte order."""
     a = value if type(value) is np.ndarray else np.asarray(value)
-    if a.dtype.kind not in "iuf":
+    if a.dtype.kind not in "iuf" and not _is_half(a.dtype):
         raise TypeError(f"{name} must hold real numbers (an integer or float dtype), "
                         f"got dtype {a.dtype}")
     return _native(a)
@@ -107,8 +126,10 @@ cdef bint _extents_overlap(cnp.ndarray a, cnp.ndarray b):
 cdef class CrossEntropyArgs:
     """The arguments of a cross-entropy call, checked, in canonical form.
 
-    x: the logits (float32/float64 ndarray, native byte order, any strides);
-    dtype; axis: the class axis (0 for (C,), else 1); C; sample_shape;
+    x: the logits (float32/float64 ndarray, native byte order, any strides; half
+    logits as a float32 copy); dtype: x's dtype, the one computed and returned in;
+    grad_dtype: the logits' own dtype, that of the gradient (dtype but for half logits);
+    axis: the class axis (0 for (C,), else 1); C; sample_shape;
     prob: whether target holds probabilities; t: the target (native byte order:
     class indices of any integer dtype, shape sample_shape, or probabilities of
     a float dtype, the logits' shape); w: the weight in the logits' dtype,
@@ -119,7 +140,7 @@ cdef class CrossEntropyArgs:
     has_go: whether a grad_output was given; out: the checked out= buffer or None;
     inplace: out is the logits themselves.
     """
-    cdef readonly object x, dtype, t, w, go, out, ignore_index
+    cdef readonly object x, dtype, grad_dtype, t, w, go, out, ignore_index
     cdef readonly str reduction
     cdef readonly tuple sample_shape
     cdef readonly int axis, red
@@ -134,9 +155,11 @@ cdef CrossEntropyArgs _normalize_ce(logits, target, weight, ignore_index, reduct
     if _any_masked(logits, target, weight, grad_output, out):
         refuse_masked(logits=logits, target=target, weight=weight, grad_output=grad_output,
                       out=out)
-    x = _as_logits(logits)
+    x0 = _as_logits(logits)
+    x = _compute_logits(x0)
     a.x = x
     dtype = a.dtype = x.dtype
+    a.grad_dtype = x0.dtype
     cdef int axis = 1 if x.ndim >= 2 else 0
     a.axis = axis
     a.C = x.shape[axis]
@@ -166,6 +189,8 @@ cdef CrossEntropyArgs _normalize_ce(logits, target, weight, ignore_index, reduct
     a.ignore_index = ignore_index
 
     t = target if type(target) is np.ndarray else np.asarray(target)
+    if _is_half(t.dtype):
+        t = t.astype(_F32)  # bfloat16 probabilities (kind "V"), exactly
     kind = t.dtype.kind
     if kind not in "iuf":
         raise TypeError(f"target must hold class indices (an integer dtype) or class "
@@ -219,20 +244,20 @@ cdef CrossEntropyArgs _normalize_ce(logits, target, weight, ignore_index, reduct
     if want_grad and out is not None:
         if not isinstance(out, np.ndarray):
             raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-        if out.dtype != dtype:
-            raise TypeError(_out_dtype_message(dtype, out.dtype))
+        if out.dtype != a.grad_dtype:
+            raise TypeError(_out_dtype_message(a.grad_dtype, out.dtype))
         if out.shape != x.shape:
             raise ValueError(f"out must have the logits' shape {x.shape}, got {out.shape}")
         if not out.flags.writeable:
             raise ValueError("out is read-only; it must be a writable array")
         # "out is logits": the same object, or a view of exactly the same elements
-        a.inplace = out is x or (cnp.PyArray_DATA(<cnp.ndarray>out) == cnp.PyArray_DATA(<cnp.ndarray>x)
-                                 and out.strides == x.strides)
-        if a.inplace and not (x.flags.c_contiguous and x.flags.aligned):
+        a.inplace = out is x0 or (cnp.PyArray_DATA(<cnp.ndarray>out) == cnp.PyArray_DATA(<cnp.ndarray>x0)
+                                  and out.strides == x0.strides)
+        if a.inplace and not (x0.flags.c_contiguous and x0.flags.aligned):
             raise ValueError("out=logits computes in place and needs writable, C-contiguous "
                              "(aligned) logits")
-        for other, name in ((x, "logits"), (t, "target"), (w0, "weight"), (go0, "grad_output")):
-            if a.inplace and other is x:
+        for other, name in ((x0, "logits"), (t, "target"), (w0, "weight"), (go0, "grad_output")):
+            if a.inplace and other is x0:
                 continue
             if (other is not None and _extents_overlap(<cnp.ndarray>out, <cnp.ndarray>other)
                     and np.shares_memory(out, other)):
@@ -296,14 +321,16 @@ def cross_entropy_args(logits, target, weight=None, ignore_index=-100, reduction
 
 
 def lse_args(logits, axis):
-    """(logits as a float ndarray, the axis made non-negative) for log_softmax/logsumexp;
-    raises their TypeError/ValueError."""
+    """(logits as a float ndarray to compute in, the axis made non-negative, the logits'
+    own dtype) for log_softmax/logsumexp; raises their TypeError/ValueError. Half logits
+    come as float32 (_compute_logits)."""
     if _any_masked(logits, None, None, None, None):
         refuse_masked(logits=logits)
-    x = _as_logits(logits)
+    x0 = _as_logits(logits)
+    x = _compute_logits(x0)
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
         raise TypeError(f"axis must be an int, got {axis!r} of type {type(axis).__name__}")
     cdef int ndim = x.ndim
     if not -ndim <= axis < ndim:  # AxisError is a ValueError and an IndexError
         raise np.exceptions.AxisError(int(axis), ndim)
-    return x, int(axis) % ndim
+    return x, int(axis) % ndim, x0.dtype

@@ -463,6 +463,8 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, tuple 
     memset(&job, 0, sizeof(job))
     x, t, w, go, o, dtype = a.x, a.t, a.w, a.go, a.out, a.dtype
     cdef bint f32 = dtype is _F32 or dtype == _F32
+    # half logits: computed in float32 (a.x is their copy), the gradient rounded after
+    cdef bint half = a.grad_dtype is not dtype and a.grad_dtype != dtype
     cdef int axis = a.axis
     cdef int64_t C = a.C
     cdef int64_t C_all = C if shard is None else shard[1]  # the range of the targets
@@ -531,7 +533,7 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, tuple 
     job.grad_output_scalar = a.go_scalar
     if want_grad:
         glay = None
-        if o is not None:
+        if o is not None and not half:
             # in place only if the kernel reads the logits themselves (not a copy)
             if inplace and cnp.PyArray_DATA(<cnp.ndarray>lay[0]) == cnp.PyArray_DATA(<cnp.ndarray>x):
                 glay = lay
@@ -555,8 +557,10 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, tuple 
     else:
         loss = dtype.type(job.loss_reduced)
     if want_grad and gtarget is not None:
-        np.copyto(gtarget, g)
+        np.copyto(gtarget, g, casting="same_kind" if not half else "unsafe")
         g = gtarget
+    elif want_grad and half:
+        g = g.astype(a.grad_dtype)  # rounded once, to nearest even
     if not (want_z or want_lse):
         return (loss, g) if want_grad else loss
     result = [loss, g] if want_grad else [loss]
@@ -581,9 +585,14 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
 
     Parameters
     ----------
-    logits : array_like of float32 or float64, shape (C,), (N, C) or (N, C, d1, ..., dk)
+    logits : array_like of float32, float64, float16 or bfloat16, shape (C,), (N, C) or (N, C, d1, ..., dk)
         Unnormalised scores; the class axis is 1 (0 for a 1-D input). Any
         memory layout is accepted (a C-contiguous (N, C) array is not copied).
+        Half precision: float16, or ``ml_dtypes.bfloat16`` (the dtype JAX
+        uses; ``pip install fastce[bfloat16]``) is computed in float32 (from
+        a float32 copy of the logits, for now) and its loss, z part and lse
+        are **float32**, not rounded to the input's precision as torch rounds
+        them (a bfloat16 loss near 36 would move in steps of 0.25).
     target : array_like
         Class indices of shape (), (N,) or (N, d1, ..., dk), any integer dtype,
         in [0, C) or equal to ``ignore_index``; or class probabilities with the
@@ -630,7 +639,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
 
     Returns
     -------
-    numpy scalar or ndarray of the logits' dtype
+    numpy scalar or ndarray of the logits' dtype (float32 for half logits)
         A scalar for "mean"/"sum"; for "none" an array shaped like the
         index target (or like the logits without the class axis).
         With ``return_z_loss`` / ``return_lse``: a tuple ``(loss, z_part)``,
@@ -714,7 +723,9 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
     loss : numpy scalar or ndarray
         As :func:`cross_entropy`.
     grad : ndarray, the logits' shape and dtype
-        d loss / d logits (``out`` when given). Ignored samples get 0.
+        d loss / d logits (``out`` when given). Ignored samples get 0. For
+        half-precision logits computed in float32 and rounded once to their
+        dtype (to nearest even), the target class's term taken in float32.
     z_part, lse
         Appended, in that order, when ``return_z_loss`` / ``return_lse``
         (``(loss, grad, z_part, lse)``), as in :func:`cross_entropy`.
@@ -741,7 +752,7 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
 cdef object _lse_op(logits, axis, int op, n_threads):
     cdef fce_job job
     memset(&job, 0, sizeof(job))
-    x, axis = lse_args(logits, axis)
+    x, axis, in_dtype = lse_args(logits, axis)
     cdef int nt = _threads(n_threads)  # checked before any early return (an empty axis)
     dtype = x.dtype
     cdef int ndim = x.ndim
@@ -752,7 +763,7 @@ cdef object _lse_op(logits, axis, int op, n_threads):
         if op == FCE_OP_LOGSUMEXP:
             r = np.full(out_shape, -np.inf, dtype=dtype)
             return r if ndim > 1 else dtype.type(r)
-        return np.empty(x.shape, dtype=dtype)
+        return np.empty(x.shape, dtype=in_dtype)
     lay = _layout(x, ax, True)
     _set_geometry(&job, lay)
     job.op = op
@@ -777,6 +788,8 @@ cdef object _lse_op(logits, axis, int op, n_threads):
     _run(&job, dtype == np.float32)
     if op == FCE_OP_LOGSUMEXP and ndim == 1:
         return dtype.type(res[()])
+    if op == FCE_OP_LOG_SOFTMAX and in_dtype != dtype:
+        return res.astype(in_dtype)  # half logits: rounded once from float32
     return res
 
 
@@ -785,7 +798,7 @@ def log_softmax(logits, axis=-1, *, n_threads=None):
 
     Parameters
     ----------
-    logits : array_like of float32 or float64, any shape (at least 1-D)
+    logits : array_like of float32, float64, float16 or bfloat16, any shape (at least 1-D)
     axis : int, default -1
         The class axis.
     n_threads : int, optional
@@ -794,7 +807,8 @@ def log_softmax(logits, axis=-1, *, n_threads=None):
     Returns
     -------
     ndarray
-        Same shape and dtype as ``logits``.
+        Same shape and dtype as ``logits`` (half precision: computed in
+        float32, rounded once).
 
     Examples
     --------
@@ -810,15 +824,15 @@ def logsumexp(logits, axis=-1, *, n_threads=None):
 
     Parameters
     ----------
-    logits : array_like of float32 or float64, any shape (at least 1-D)
+    logits : array_like of float32, float64, float16 or bfloat16, any shape (at least 1-D)
     axis : int, default -1
     n_threads : int, optional
 
     Returns
     -------
     ndarray or numpy scalar
-        ``logits.shape`` without ``axis``, the logits' dtype (a scalar for
-        1-D input). A row of -inf gives -inf; a +inf gives +inf; NaN gives NaN.
+        ``logits.shape`` without ``axis``, the logits' dtype (float32 for
+        half-precision logits; a scalar for 1-D input). A row of -inf gives -inf; a +inf gives +inf; NaN gives NaN.
 
     Examples
     --------

@@ -93,7 +93,7 @@ def lse_partial(logits, target, *, class_start=0, num_classes=None, weight=None,
 
     Parameters
     ----------
-    logits : array_like of float32 or float64, shape (N, C)
+    logits : array_like of float32, float64, float16 or bfloat16, shape (N, C)
         This shard's logits (any strides; the classes of a row contiguous or copied).
     target : array_like of integers, shape (N,)
         Class indices into the whole rows, ``[0, num_classes)``, or ``ignore_index``

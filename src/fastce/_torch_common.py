@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_cpu(name, t):
@@ -30,8 +31,9 @@ def _is_functorch_wrapped(t):
     return check is not None and check(t)
 
 
-def _validate(input, target, weight, who="fastce.torch.cross_entropy"):
-    """The checks of a call's tensors; messages name the function `who`."""
+def _validate(input, target, weight, who="fastce.torch.cross_entropy", half=False):
+    """The checks of a call's tensors; messages name the function `who`; half: whether
+    float16/bfloat16 input is accepted."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(
             "input must be a torch.Tensor, got %s" % type(input).__name__)
@@ -53,13 +55,13 @@ def _validate(input, target, weight, who="fastce.torch.cross_entropy"):
     _check_cpu("target", target)
     if weight is not None:
         _check_cpu("weight", weight)
-    if input.dtype not in _FLOAT_DTYPES:
+    if input.dtype not in _FLOAT_DTYPES and not (half and input.dtype in _HALF_DTYPES):
         raise TypeError(
-            "%s expects input of dtype torch.float32 "
+            "%s expects input of dtype torch.float32%s "
             "or torch.float64, got %s%s"
-            % (who, input.dtype,
+            % (who, ", torch.float16, torch.bfloat16" if half else "", input.dtype,
                "; convert explicitly with input.float()"
-               if input.dtype in (torch.float16, torch.bfloat16) else ""))
+               if input.dtype in _HALF_DTYPES else ""))
     if torch.is_grad_enabled():
         if weight is not None and weight.requires_grad:
             raise NotImplementedError(

@@ -69,7 +69,7 @@ def _prepare(logits, target, weight, ignore_index, reduction, label_smoothing,
     go = np.ones(loss_shape) if a.go is None else a.go.astype(np.float64)
     if a.go is None and a.has_go:
         go = np.full(loss_shape, a.go_scalar)
-    p = dict(x=x, t=t, dtype=a.dtype, class_axis=axis, C=a.C, sample_shape=a.sample_shape,
+    p = dict(x=x, t=t, dtype=a.dtype, grad_dtype=a.grad_dtype, class_axis=axis, C=a.C, sample_shape=a.sample_shape,
              xs=np.moveaxis(x, axis, -1).astype(np.float64),
              weight=None if a.w is None else a.w.astype(np.float64), eps=a.eps,
              reduction=reduction, go=go, out=a.out, z_loss=z, dzdx=None)
@@ -205,7 +205,9 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
 
     Parameters
     ----------
-    logits : array_like, float32 or float64
+    logits : array_like, float32, float64, float16 or bfloat16 (half precision:
+        computed from the float32 values, results as fastce's: float32 statistics,
+        the gradient rounded to the logits' dtype)
         Shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; the class axis
         is 1 (0 for 1-D logits).  Any memory layout.
     target : array_like
@@ -361,7 +363,7 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100, r
 
     grad = np.moveaxis(grad, -1, p["class_axis"])
     if out is None:
-        out = np.ascontiguousarray(grad.astype(dtype))
+        out = np.ascontiguousarray(grad.astype(p["grad_dtype"]))
     else:
         out[...] = grad
     return _with_extras((_finish(value, dtype, reduction), out), p, z, lse, denominator,
@@ -398,7 +400,8 @@ def _grad_per_sample(p, prob):
 def log_softmax(logits, axis=-1, *, n_threads=None):
     """Logarithm of the softmax along ``axis``: ``x - max - log(sum(exp(x - max)))``.
 
-    Returns an ndarray of the logits' shape and dtype (float32 or float64).
+    Returns an ndarray of the logits' shape and dtype (float32, float64, or a half
+    dtype, rounded once).
     As :func:`torch.log_softmax`, a slice containing NaN or +inf, or only
     -inf, is NaN throughout.  Raises TypeError for other dtypes, ValueError
     for 0-d input, :class:`numpy.exceptions.AxisError` (a ValueError and an
@@ -407,10 +410,10 @@ def log_softmax(logits, axis=-1, *, n_threads=None):
     >>> log_softmax(np.array([0.0, 0.0, np.log(2.0)]))
     array([-1.38629436, -1.38629436, -0.69314718])
     """
-    x, axis = lse_args(logits, axis)
+    x, axis, in_dtype = lse_args(logits, axis)
     with np.errstate(all="ignore"):
         logp = _log_softmax_last(np.moveaxis(x, axis, -1).astype(np.float64))
-    return np.ascontiguousarray(np.moveaxis(logp, -1, axis).astype(x.dtype))
+    return np.ascontiguousarray(np.moveaxis(logp, -1, axis).astype(in_dtype))
 
 
 def logsumexp(logits, axis=-1, *, n_threads=None):
@@ -424,7 +427,7 @@ def logsumexp(logits, axis=-1, *, n_threads=None):
     >>> float(logsumexp(np.array([1.0, 1.0])))
     1.6931471805599454
     """
-    x, axis = lse_args(logits, axis)
+    x, axis, _ = lse_args(logits, axis)
     with np.errstate(all="ignore"):
         xs = np.moveaxis(x, axis, -1).astype(np.float64)
         m = np.max(xs, axis=-1, initial=-np.inf)

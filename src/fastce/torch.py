@@ -56,10 +56,16 @@ Policies
 * Devices: only CPU tensors are accepted; any other device (``cuda``,
   ``meta``, ...) raises :class:`RuntimeError` naming the device.  There is no
   silent fallback to :func:`torch.nn.functional.cross_entropy`.
-* Dtypes: ``input`` must be ``torch.float32`` or ``torch.float64``.
-  ``float16``/``bfloat16`` raise :class:`TypeError` (upcasting would give
-  results that differ from PyTorch's half-precision computation; call
-  ``input.float()`` explicitly if that is what you want).  Class-index targets
+* Dtypes: ``input`` is ``torch.float32``, ``torch.float64``, ``torch.float16``
+  or ``torch.bfloat16``.  Half precision is computed in float32 (from a float32
+  copy made by torch, for now): the loss, z part and lse are **float32 tensors**,
+  deliberately not rounded to the input's precision as PyTorch rounds them
+  (its bfloat16 loss moves in steps of 0.25 near 36; ``loss.to(input.dtype)``
+  gives that rounding, with its gradient, if wanted); the gradient has
+  ``input``'s dtype, rounded once from float32.  Compared with torch's own
+  half-precision CPU cross_entropy the loss and the gradient are more exact
+  (tests/test_half.py).  The vocabulary-parallel and fused linear losses take
+  float32/float64 only, for now.  Class-index targets
   may have any integer dtype (PyTorch itself wants ``int64`` or ``uint8``).
 * Gradients: only with respect to ``input``.  A ``weight`` that requires grad
   raises (as PyTorch does) and so does a probability ``target`` that requires
@@ -80,9 +86,45 @@ import fastce as _fastce
 __all__ = ["cross_entropy", "CrossEntropyLoss", "vocab_parallel_cross_entropy",
            "linear_cross_entropy", "LinearCrossEntropyLoss"]
 
-from ._torch_common import (_FLOAT_DTYPES, _check_cpu, _empty_grad,  # noqa: F401
-                            _is_functorch_wrapped, _loss_to_tensor, _outputs, _to_numpy,
-                            _validate)
+from ._torch_common import (_FLOAT_DTYPES, _HALF_DTYPES, _check_cpu,  # noqa: F401
+                            _empty_grad, _is_functorch_wrapped, _loss_to_tensor, _outputs,
+                            _to_numpy, _validate)
+
+
+def _np(t):
+    """A tensor as NumPy reads it: bfloat16 (which NumPy lacks) as a float32 copy (exact);
+    anything else shared, no copy."""
+    return None if t is None else _to_numpy(t.float() if t.dtype == torch.bfloat16 else t)
+
+
+def _result_dtype(dtype):
+    """The dtype of the loss, z part and lse: float32 for half-precision input."""
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
+
+
+def _loss_and_grad(input, target, weight, inplace, **options):
+    """The fused forward+backward: (loss, gradient tensor of input's dtype, extras).
+    Half-precision input is computed in float32 (torch's own conversion, then the
+    float32 kernel) and its gradient rounded once to input's dtype; inplace writes the
+    gradient over input's storage."""
+    t, w = _np(target), _np(weight)
+    if input.dtype in _HALF_DTYPES:
+        g32 = _empty_grad(input.shape, torch.float32)
+        loss, _, *extras = _fastce.cross_entropy_with_grad(
+            _to_numpy(input.float()), t, weight=w, out=g32.numpy(), **options)
+        grad = input.detach().copy_(g32) if inplace else g32.to(input.dtype)
+        return loss, grad, extras
+    x = _to_numpy(input)
+    if inplace:
+        # the gradient over the logits' own storage (checked by the caller: a
+        # C-contiguous non-leaf)
+        grad, out = input.detach(), x
+    else:
+        # a fresh C-contiguous buffer that receives the gradient
+        grad = _empty_grad(input.shape, input.dtype)
+        out = grad.numpy()
+    loss, _, *extras = _fastce.cross_entropy_with_grad(x, t, weight=w, out=out, **options)
+    return loss, grad, extras
 
 
 def _check_inplace(input):
@@ -108,24 +150,14 @@ class _CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, input, target, weight, ignore_index, reduction,
                 label_smoothing, inplace_backward, z_loss, return_z_loss, return_lse,
                 logit_scale, softcap):
-        x = _to_numpy(input)
-        t = _to_numpy(target)
-        w = None if weight is None else _to_numpy(weight)
+        loss, grad, extras = _loss_and_grad(
+            input, target, weight, inplace_backward, ignore_index=ignore_index,
+            reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+            return_z_loss=return_z_loss, return_lse=return_lse, logit_scale=logit_scale,
+            softcap=softcap)
         if inplace_backward:
-            # the gradient over the logits' own storage (checked by the caller: a
-            # C-contiguous non-leaf); their version is bumped, so any other node that
-            # saved them for its backward refuses to run (torch's in-place check)
-            grad = input.detach()
-            out = x
-        else:
-            # a fresh C-contiguous buffer that receives the gradient
-            grad = _empty_grad(input.shape, input.dtype)
-            out = grad.numpy()
-        loss, _, *extras = _fastce.cross_entropy_with_grad(
-            x, t, weight=w, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=return_z_loss,
-            return_lse=return_lse, logit_scale=logit_scale, softcap=softcap, out=out)
-        if inplace_backward:
+            # the logits' version is bumped, so any other node that saved them for its
+            # backward refuses to run (torch's in-place check)
             torch.autograd.graph.increment_version(input)
         ctx.inplace = inplace_backward
         ctx.reduction = reduction
@@ -143,9 +175,10 @@ class _CrossEntropyFunction(torch.autograd.Function):
         if reduction == "none" and not target.is_floating_point():
             # Mask of ignored samples, shaped like the per-sample loss
             # (compared in NumPy: no overflow for unsigned targets).
-            ctx.ignored = torch.from_numpy(np.asarray(t == ignore_index))
+            ctx.ignored = torch.from_numpy(np.asarray(_to_numpy(target) == ignore_index))
         # the z-loss part and the lse are outputs without a gradient (None if not asked)
-        return _outputs(ctx, loss, extras, input.dtype, return_z_loss, return_lse)
+        return _outputs(ctx, loss, extras, _result_dtype(input.dtype), return_z_loss,
+                        return_lse)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_zpart=None, _grad_lse=None):
@@ -171,11 +204,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             # gradient over: recompute it from the inputs as they were at forward time
             # (saved_tensors raises if they were modified in place since).
             input, target, weight = ctx.saved_tensors
-            grad = _empty_grad(input.shape, input.dtype)
-            _fastce.cross_entropy_with_grad(
-                _to_numpy(input), _to_numpy(target),
-                weight=None if weight is None else _to_numpy(weight), out=grad.numpy(),
-                **ctx.options)
+            grad = _loss_and_grad(input, target, weight, False, **ctx.options)[1]
             ctx.grad = grad
         if ctx.inplace:
             # the buffer is the (former) logits: scaled in place and handed over, so the
@@ -217,14 +246,15 @@ def cross_entropy(input, target, weight=None, ignore_index=-100,
 
     Same arguments and result as :func:`torch.nn.functional.cross_entropy`
     (without the deprecated ``size_average``/``reduce``), computed by fastce.
-    ``input`` is ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``, float32 or
-    float64; ``target`` holds class indices (shape ``()``, ``(N,)`` or
-    ``(N, d1, ..., dk)``) or class probabilities (``input``'s shape).
-    Returns a tensor of ``input``'s dtype: 0-d for ``"mean"``/``"sum"``, one
+    ``input`` is ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``, float32,
+    float64, float16 or bfloat16; ``target`` holds class indices (shape ``()``,
+    ``(N,)`` or ``(N, d1, ..., dk)``) or class probabilities (``input``'s shape).
+    Returns a tensor of ``input``'s dtype (float32 for float16/bfloat16 input,
+    see the module docstring): 0-d for ``"mean"``/``"sum"``, one
     value per sample for ``"none"``.  Differentiable with respect to
     ``input`` only; the gradient is computed in the forward pass, fused with
     the loss (see the module docstring).  CPU tensors only (others raise
-    ``RuntimeError``); float16/bfloat16 raise ``TypeError``.
+    ``RuntimeError``).
 
     ``inplace_backward=True`` (the name flash-attention and quack use) writes
     the gradient over ``input``'s own storage during the forward pass, saving
@@ -265,7 +295,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100,
     ...     torch.nn.functional.cross_entropy(logits, labels), logits)[0])
     True
     """
-    _validate(input, target, weight)
+    _validate(input, target, weight, half=True)
     if not isinstance(inplace_backward, bool):
         raise TypeError("inplace_backward must be True or False, got %r" % (inplace_backward,))
     extras = return_z_loss is not False or return_lse is not False
@@ -279,14 +309,14 @@ def cross_entropy(input, target, weight=None, ignore_index=-100,
             return loss
         return (loss,) + tuple(e for e in (zpart, lse) if e is not None)
     result = _fastce.cross_entropy(
-        _to_numpy(input), _to_numpy(target),
-        weight=None if weight is None else _to_numpy(weight),
+        _np(input), _np(target), weight=_np(weight),
         ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=return_z_loss,
         return_lse=return_lse, logit_scale=logit_scale, softcap=softcap)
+    dtype = _result_dtype(input.dtype)
     if not extras:
-        return _loss_to_tensor(result, input.dtype)
-    return tuple(_loss_to_tensor(r, input.dtype) for r in result)
+        return _loss_to_tensor(result, dtype)
+    return tuple(_loss_to_tensor(r, dtype) for r in result)
 
 
 class CrossEntropyLoss(torch.nn.Module):
