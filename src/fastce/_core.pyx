@@ -533,7 +533,14 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, tuple 
     job.grad_output_scalar = a.go_scalar
     if want_grad:
         glay = None
-        if o is not None and not half:
+        if half:
+            # the float32 copy of the half logits is this call's own: the gradient is
+            # written over it where the kernel reads it in place (one buffer fewer), then
+            # rounded into out= or a new half array
+            if cnp.PyArray_DATA(<cnp.ndarray>lay[0]) == cnp.PyArray_DATA(<cnp.ndarray>x):
+                g, glay = x, lay
+            gtarget = o
+        elif o is not None:
             # in place only if the kernel reads the logits themselves (not a copy)
             if inplace and cnp.PyArray_DATA(<cnp.ndarray>lay[0]) == cnp.PyArray_DATA(<cnp.ndarray>x):
                 glay = lay
@@ -544,7 +551,8 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, tuple 
             if glay is not None and glay[1] == rows:
                 g = o
         if g is None:
-            gtarget = o
+            if not half:
+                gtarget = o
             g = _empty_like_layout(lay, x.shape, axis, dtype)
             glay = _layout(g, axis, False)
         _set_grad_geometry(&job, glay)

@@ -109,9 +109,10 @@ def _loss_and_grad(input, target, weight, inplace, **options):
     gradient over input's storage."""
     t, w = _np(target), _np(weight)
     if input.dtype in _HALF_DTYPES:
-        g32 = _empty_grad(input.shape, torch.float32)
-        loss, _, *extras = _fastce.cross_entropy_with_grad(
-            _to_numpy(input.float()), t, weight=w, out=g32.numpy(), **options)
+        # one float32 buffer: the logits converted into it, the gradient written over them
+        g32 = _empty_grad(input.shape, torch.float32).copy_(input.detach())
+        x32 = g32.numpy()
+        loss, _, *extras = _fastce.cross_entropy_with_grad(x32, t, weight=w, out=x32, **options)
         grad = input.detach().copy_(g32) if inplace else g32.to(input.dtype)
         return loss, grad, extras
     x = _to_numpy(input)
