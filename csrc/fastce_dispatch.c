@@ -82,6 +82,11 @@ static const variant variants[] = {
  * always the widest, and the tuning that goes with it. Measured (README):
  *   Intel with AVX-512 (Xeon, 2-core VM): avx512; the hardware prefetchers did
  *     little there, the software prefetch 2 KiB ahead set the memory rate
+ *   AMD Zen 5 (family 26, full-width AVX-512): avx512 (1.2-1.7x avx2), and the
+ *     software prefetch: 1.14-1.48x on arrays >= 64 MiB (bench/variants.py; the
+ *     kernel from memory 16.0 -> 19.2 GB/s in bench/kernel_loops.sh, from L2 it
+ *     costs 13 %, which the forward at (16384, 1000) shows: 3 % slower); small C
+ *     by transposes (gathers 1.4x slower in the forward)
  *   AMD Zen 4 (family 25, AVX-512 on 256-bit units): avx512 (the AVX-512 exp's
  *     register table and masks beat avx2 by 1.5x in the forward); no software
  *     prefetch (Zen's hardware prefetchers stream the rows on their own)
@@ -132,11 +137,17 @@ static choice choose(void)
     unsigned family, model;
     cpu_identity(vendor, &family, &model);
     const char *why = "the widest variant; software prefetch, gathers (no measured rule for this CPU)";
-    if (strcmp(vendor, "AuthenticAMD") == 0 && family >= 0x17) {
+    if (strcmp(vendor, "AuthenticAMD") == 0 && family >= 0x1A) {
+        ch.tune.prefetch = 1;
+        ch.tune.small_c_gather = 0;
+        why = "AMD Zen 5 or later: the widest variant (avx512 measured 1.2-1.7x avx2); "
+              "software prefetch 2 KiB ahead (1.14-1.48x on large arrays); small C by "
+              "transposes (gathers 1.4x slower)";
+    } else if (strcmp(vendor, "AuthenticAMD") == 0 && family >= 0x17) {
         ch.tune.prefetch = 0;
         ch.tune.small_c_gather = 0;
         why = strcmp(variants[widest].name, "avx512") == 0
-                  ? "AMD Zen 4 or later: avx512 (measured 1.5x avx2 in the forward); hardware "
+                  ? "AMD Zen 4: avx512 (measured 1.5x avx2 in the forward); hardware "
                     "prefetch only; small C by transposes (gathers are slow on Zen)"
                   : "AMD Zen 1-3: the widest variant; hardware prefetch only; small C by "
                     "transposes (gathers are microcoded on Zen)";
