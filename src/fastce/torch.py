@@ -91,10 +91,18 @@ from ._torch_common import (_FLOAT_DTYPES, _HALF_DTYPES, _check_cpu,  # noqa: F4
                             _to_numpy, _validate)
 
 
+def _float32_copy(t):
+    """A C-contiguous float32 copy of t, in a NumPy-allocated buffer (huge pages:
+    torch.empty's first-touch page faults cost more than the conversion, _empty_grad)."""
+    return _empty_grad(t.shape, torch.float32).copy_(t.detach())
+
+
 def _np(t):
-    """A tensor as NumPy reads it: bfloat16 (which NumPy lacks) as a float32 copy (exact);
-    anything else shared, no copy."""
-    return None if t is None else _to_numpy(t.float() if t.dtype == torch.bfloat16 else t)
+    """A tensor as NumPy reads it: half precision as a float32 copy (exact; bfloat16 NumPy
+    lacks, and torch converts float16 faster than NumPy); anything else shared, no copy."""
+    if t is None:
+        return None
+    return _to_numpy(_float32_copy(t) if t.dtype in _HALF_DTYPES else t)
 
 
 def _result_dtype(dtype):
@@ -110,7 +118,7 @@ def _loss_and_grad(input, target, weight, inplace, **options):
     t, w = _np(target), _np(weight)
     if input.dtype in _HALF_DTYPES:
         # one float32 buffer: the logits converted into it, the gradient written over them
-        g32 = _empty_grad(input.shape, torch.float32).copy_(input.detach())
+        g32 = _float32_copy(input)
         x32 = g32.numpy()
         loss, _, *extras = _fastce.cross_entropy_with_grad(x32, t, weight=w, out=x32, **options)
         grad = input.detach().copy_(g32) if inplace else g32.to(input.dtype)
