@@ -52,7 +52,19 @@ def read_variants(machine):
     return variants
 
 
+def read_dtypes():
+    """{name: [(macro, value)]}: the dtypes the kernel is compiled for (csrc/variants.txt)."""
+    dtypes = {}
+    with open(os.path.join(HERE, CSRC, "variants.txt")) as f:
+        for line in f:
+            fields = line.split("#", 1)[0].split()
+            if fields and fields[0] == "dtype":
+                dtypes[fields[1]] = [tuple(m[2:].split("=", 1)) for m in fields[2:]]
+    return dtypes
+
+
 VARIANTS = read_variants(platform.machine().lower())
+DTYPES = read_dtypes()
 
 
 def _compiler_accepts(compiler_cmd, compile_flags, link_flags):
@@ -103,11 +115,10 @@ class BuildExt(build_ext):
         # the compilations, each (source, output dir, macros, flags): the paths once per
         # (ISA, dtype) with that ISA's flags, the planner once per dtype, the dispatcher and
         # the shard states once
-        jobs = [("fastce_kernel.c", f"kernel_{isa}_f{dtype}",
-                 [("FCE_DTYPE", str(dtype)), ("FCE_ISA", isa)], flags)
-                for isa, flags in VARIANTS.items() for dtype in (32, 64)]
-        jobs += [("fastce_planner.c", f"planner_f{dtype}", [("FCE_DTYPE", str(dtype))], [])
-                 for dtype in (32, 64)]
+        jobs = [("fastce_kernel.c", f"kernel_{isa}_{dtype}", macros + [("FCE_ISA", isa)], flags)
+                for isa, flags in VARIANTS.items() for dtype, macros in DTYPES.items()]
+        jobs += [("fastce_planner.c", f"planner_{dtype}", macros, [])
+                 for dtype, macros in DTYPES.items()]
         jobs += [("fastce_dispatch.c", "", [], []), ("fastce_shards.c", "", [], [])]
 
         def compile_one(job):

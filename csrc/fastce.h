@@ -128,6 +128,13 @@ typedef struct {
 /* Run a job on the instruction set currently selected. */
 int fce_run_f32(fce_job *job);
 int fce_run_f64(fce_job *job);
+/* Half-precision logits (IEEE float16, bfloat16), computed in float32: x and grad
+ * hold 16-bit values (the gradient and log-softmax rounded to nearest even), every
+ * other array (prob, weight, loss_out, grad_output, lse_out, z_out) is float32.
+ * The rows layout with n_classes > 32 only, unsharded (FCE_ERR_ARG otherwise: the
+ * caller computes those from a float32 copy). */
+int fce_run_f16(fce_job *job);
+int fce_run_bf16(fce_job *job);
 
 /* Shard states (FCE_STATE_LEN doubles per sample). combine: out[s] = the merge of
  * states[0][s], ..., states[n_states - 1][s] in that order (states: n_states runs of
@@ -165,6 +172,12 @@ int fce_forked_single(void);
  * (results below the smallest normal number are flushed to 0). */
 void fce_exp_f32(const float *x, float *y, int64_t n);
 void fce_exp_f64(const double *x, double *y, int64_t n);
+/* The half-precision kernels' conversions, exposed for tests: widen, n stored values
+ * to float (exact); round, n floats to the nearest stored value, ties to even. */
+void fce_widen_f16(const uint16_t *h, float *x, int64_t n);
+void fce_round_f16(const float *x, uint16_t *h, int64_t n);
+void fce_widen_bf16(const uint16_t *h, float *x, int64_t n);
+void fce_round_bf16(const float *x, uint16_t *h, int64_t n);
 
 #ifdef __cplusplus
 }

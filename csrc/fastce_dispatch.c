@@ -22,6 +22,8 @@ typedef struct {
     const char *name;
     const struct fce_paths_f32 *paths_f32;
     const struct fce_paths_f64 *paths_f64;
+    const struct fce_paths_f16 *paths_f16;
+    const struct fce_paths_bf16 *paths_bf16;
     int (*supported)(void);
 } variant;
 
@@ -48,7 +50,8 @@ static int has_avx2(void)
 {
     unsigned a, b, c, d;
     if (!os_avx()) return 0;
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 12))) return 0; /* FMA */
+    /* FMA, F16C (every AVX2 CPU has both; the half-precision loads use F16C) */
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 12)) || !(c & (1u << 29))) return 0;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     return (b & (1u << 5)) != 0; /* AVX2 */
 }
@@ -64,7 +67,8 @@ static int has_avx512(void)
 }
 #endif
 
-#define VARIANT(isa, check) {#isa, &fce_paths_f32_##isa, &fce_paths_f64_##isa, check}
+#define VARIANT(isa, check) \
+    {#isa, &fce_paths_f32_##isa, &fce_paths_f64_##isa, &fce_paths_f16_##isa, &fce_paths_bf16_##isa, check}
 
 static const variant variants[] = {
     VARIANT(scalar, always),
@@ -248,6 +252,8 @@ int fce_tuning_current(int index)
 
 const struct fce_paths_f32 *fce_current_paths_f32(void) { return variants[fce_isa_current()].paths_f32; }
 const struct fce_paths_f64 *fce_current_paths_f64(void) { return variants[fce_isa_current()].paths_f64; }
+const struct fce_paths_f16 *fce_current_paths_f16(void) { return variants[fce_isa_current()].paths_f16; }
+const struct fce_paths_bf16 *fce_current_paths_bf16(void) { return variants[fce_isa_current()].paths_bf16; }
 const fce_tuning *fce_current_tuning(void)
 {
     fce_isa_current();

@@ -25,9 +25,13 @@
  * table the planner calls through. */
 struct fce_paths_f32;
 struct fce_paths_f64;
+struct fce_paths_f16;
+struct fce_paths_bf16;
 #define FCE_DECLARE_VARIANT(isa)                              \
     extern const struct fce_paths_f32 fce_paths_f32_##isa;    \
-    extern const struct fce_paths_f64 fce_paths_f64_##isa;
+    extern const struct fce_paths_f64 fce_paths_f64_##isa;    \
+    extern const struct fce_paths_f16 fce_paths_f16_##isa;    \
+    extern const struct fce_paths_bf16 fce_paths_bf16_##isa;
 
 FCE_DECLARE_VARIANT(scalar)
 #if defined(__x86_64__) || defined(_M_X64)
@@ -49,6 +53,8 @@ typedef struct {
 /* The variant and tuning in use (fastce_dispatch.c). */
 const struct fce_paths_f32 *fce_current_paths_f32(void);
 const struct fce_paths_f64 *fce_current_paths_f64(void);
+const struct fce_paths_f16 *fce_current_paths_f16(void);
+const struct fce_paths_bf16 *fce_current_paths_bf16(void);
 const fce_tuning *fce_current_tuning(void);
 
 /* Threads to use for a job touching `elems` logits (n_threads <= 0: choose). */

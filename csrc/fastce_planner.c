@@ -98,7 +98,7 @@ static void finish_long_row(ctx *cx, const paths *pt, int64_t r)
         return;
     }
     if (cx->has_y) {
-        T xy = cx->x[r * job->outer_stride + smp->y];
+        T xy = xt_get(cx->x[r * job->outer_stride + smp->y]);
         smp->xy = cx->xf.on ? (double)pt->xform1(cx->xf, xy, &smp->dy) : (double)xy;
     }
     cx->partials[r * cx->nseg] =
@@ -112,7 +112,7 @@ static void write_shard_state(ctx *cx, const paths *pt, int64_t r)
     const fce_job *job = cx->job;
     fce_state *st = &cx->states[r * cx->nseg];
     for (int64_t i = 1; i < cx->nseg; i++) fce_state_merge(st, &st[i]);
-    const T *x = cx->x + r * job->outer_stride;
+    const XT *x = cx->x + r * job->outer_stride;
     double *out = job->state_out + r * FCE_STATE_LEN;
     const int64_t y = job->target[r];
     const int here = y != job->ignore_index && y - cx->off >= 0 && y - cx->off < cx->C;
@@ -123,8 +123,8 @@ static void write_shard_state(ctx *cx, const paths *pt, int64_t r)
     out[FCE_ST_Q] = st->q;
     out[FCE_ST_N] = here ? 0.0 : st->s;
     out[FCE_ST_T] = !here ? 0.0
-                    : cx->xf.on ? (double)pt->xform1(cx->xf, x[y - cx->off], &dy)
-                                : (double)x[y - cx->off];
+                    : cx->xf.on ? (double)pt->xform1(cx->xf, xt_get(x[y - cx->off]), &dy)
+                                : (double)xt_get(x[y - cx->off]);
     out[FCE_ST_H] = here;
     /* s is NaN with a NaN logit, or with a +inf one (inf - inf): which, only the
      * logits tell */
@@ -152,7 +152,7 @@ static void finish_row_from_state(ctx *cx, const paths *pt, int64_t r)
     }
     smp->xy = in[FCE_ST_T];
     if (cx->want_out && cx->xf.on && target_here(cx, smp))
-        (void)pt->xform1(cx->xf, cx->x[r * job->outer_stride + smp->y], &smp->dy);
+        (void)pt->xform1(cx->xf, xt_get(cx->x[r * job->outer_stride + smp->y]), &smp->dy);
     cx->partials[r * cx->nseg] = finish_sample(cx, r, st, log(st->s), smp, NULL, 0);
 }
 
@@ -296,10 +296,10 @@ int NAME(fce_run)(fce_job *job)
     const int sharded = job->n_classes_total != 0 || job->op == FCE_OP_STATE || job->state_in;
     cx.off = sharded ? job->class_offset : 0;
     cx.Ct = sharded && job->n_classes_total ? job->n_classes_total : cx.C;
-    cx.x = (const T *)job->x;
+    cx.x = (const XT *)job->x;
     cx.w = job->weight ? (const T *)job->weight + cx.off : NULL;
     cx.p = (const T *)job->prob;
-    cx.g = (T *)job->grad;
+    cx.g = (XT *)job->grad;
     cx.want_out = job->grad != NULL;
     /* a large output not aliasing the input, in long rows: stream it past the
      * caches. Short rows are not streamed: their first and last cache lines are
@@ -307,8 +307,8 @@ int NAME(fce_run)(fce_job *job)
      * apart), and partly streamed lines cost more than the caches save (Zen 4,
      * (16384, 1000): 10.6 ms streamed, 8.1 ms not; (4096, 32000): 74 vs 79). */
     cx.stream = cx.want_out && job->grad != job->x &&
-                job->n_classes * (int64_t)sizeof(T) >= FCE_STREAM_ROW_BYTES &&
-                job->n_outer * job->n_classes * job->n_inner * (int64_t)sizeof(T) >= FCE_STREAM_BYTES;
+                job->n_classes * (int64_t)sizeof(XT) >= FCE_STREAM_ROW_BYTES &&
+                job->n_outer * job->n_classes * job->n_inner * (int64_t)sizeof(XT) >= FCE_STREAM_BYTES;
     cx.has_y = (job->op == FCE_OP_LOSS || job->op == FCE_OP_STATE) && job->target != NULL;
     const int64_t C = cx.C, N = job->n_outer, D = job->n_inner;
     const int64_t n_samples = N * D;
@@ -356,6 +356,11 @@ int NAME(fce_run)(fce_job *job)
     if (cx.g && rows && job->grad_class_stride != 1) return FCE_ERR_ARG;
     if (cx.g && cols && job->grad_inner_stride != 1) return FCE_ERR_ARG;
     if (sharded && !rows) return FCE_ERR_ARG;
+#if FCE_XHALF
+    /* half-precision logits: the rows stream only (the binding computes other layouts,
+     * small C and shards from a float32 copy) */
+    if (!rows || C <= FCE_SMALL_C || sharded || job->op == FCE_OP_STATE) return FCE_ERR_ARG;
+#endif
     if (job->state_in && !states_complete(job, n_samples)) return FCE_ERR_ARG;
 
     /* The mean's denominator must be known before gradients are written. */
@@ -480,8 +485,8 @@ int NAME(fce_run)(fce_job *job)
                     others += job->state_in[r * FCE_STATE_LEN + FCE_ST_N] /
                               job->state_in[r * FCE_STATE_LEN + FCE_ST_S];
                 cx.g[r * job->grad_outer_stride + cx.smps[r].y] =
-                    target_grad(&cx, &cx.smps[r], cx.states[r * cx.nseg].q, others,
-                                target_prob(&cx.smps[r]));
+                    xt_put(target_grad(&cx, &cx.smps[r], cx.states[r * cx.nseg].q, others,
+                                       target_prob(&cx.smps[r])));
             }
         }
     }
@@ -510,4 +515,9 @@ done:
     return status;
 }
 
+#if !FCE_XHALF
 void NAME(fce_exp)(const T *x, T *y, int64_t n) { NAME(fce_current_paths)()->exp(x, y, n); }
+#else
+void NAME(fce_widen)(const uint16_t *h, float *x, int64_t n) { NAME(fce_current_paths)()->widen(h, x, n); }
+void NAME(fce_round)(const float *x, uint16_t *h, int64_t n) { NAME(fce_current_paths)()->round(x, h, n); }
+#endif

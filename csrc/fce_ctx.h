@@ -68,6 +68,11 @@ struct NAME(fce_paths) {
     void (*exp)(const T *x, T *y, int64_t n);
     /* one logit transformed as the vector paths do it, *d its sech^2 (1 without a cap) */
     T (*xform1)(xfp xf, T x, double *d);
+#if FCE_XHALF
+    /* the stored logits' conversions as the paths make them, n values (for tests) */
+    void (*widen)(const XT *h, T *x, int64_t n);
+    void (*round)(const T *x, XT *h, int64_t n);
+#endif
 };
 typedef struct NAME(fce_paths) paths;
 
@@ -78,11 +83,11 @@ struct NAME(fce_ctx) {
     fce_tuning tune;     /* per CPU, chosen at run time (fastce_dispatch.c) */
     int64_t C;
     int64_t off, Ct;     /* a vocabulary shard: classes [off, off + C) of Ct (0, C unsharded) */
-    const T *x;
+    const XT *x;         /* the logits, as stored */
     const T *w;          /* the class weights of x's classes: w[c] for c in [0, C); for a
                             shard, w[y - off] is any target y's (the job's weight has Ct) */
     const T *p;
-    T *g;
+    XT *g;               /* the gradient or log-softmax, as the logits are stored */
     T pa, pb;            /* q from probabilities: (pa p + pb) (* w) */
     double a0, b;        /* a = a0 * w_y; b as in the header comment */
     double z;            /* z_loss: zw = z * w_y (z for probability targets) */
@@ -118,10 +123,12 @@ struct sample {
 };
 
 /* 1 if any of the n logits at x[0], x[stride], ... is NaN */
-static inline int any_nan(const T *x, int64_t stride, int64_t n)
+static inline int any_nan(const XT *x, int64_t stride, int64_t n)
 {
-    for (int64_t c = 0; c < n; c++)
-        if (x[c * stride] != x[c * stride]) return 1;
+    for (int64_t c = 0; c < n; c++) {
+        T v = xt_get(x[c * stride]);
+        if (v != v) return 1;
+    }
     return 0;
 }
 
@@ -170,7 +177,7 @@ static inline int target_here(const ctx *cx, const sample *smp)
  * logit gives +inf (not the NaN of inf - inf), unless a NaN is there. x, stride: the
  * sample's logits (read only in the +inf case), or NULL for a state combined from
  * shards (a NaN is then in st->m, see the planner). */
-static inline double state_lse(const ctx *cx, const fce_state *st, double ls, const T *x,
+static inline double state_lse(const ctx *cx, const fce_state *st, double ls, const XT *x,
                                int64_t stride)
 {
     if (st->m == INFINITY) return x && any_nan(x, stride, cx->C) ? NAN : INFINITY;
@@ -182,7 +189,7 @@ static inline double state_lse(const ctx *cx, const fce_state *st, double ls, co
  * write pass and returns the loss. x, stride: the sample's logits (read only in
  * the rare +inf case). */
 static inline double finish_sample(const ctx *cx, int64_t s, const fce_state *st, double ls,
-                                   sample *smp, const T *x, int64_t stride)
+                                   sample *smp, const XT *x, int64_t stride)
 {
     const fce_job *job = cx->job;
     smp->k = fce_shift(st->m);

@@ -39,9 +39,9 @@ FCE_INLINE V xf_vec(xfp xf, V x, V *d)
 }
 
 /* loadn (the first n lanes at p, the rest `fill`) of transformed logits */
-FCE_INLINE V xf_loadn(xfp xf, const T *p, int64_t n, T fill, V *d)
+FCE_INLINE V xf_loadn(xfp xf, const XT *p, int64_t n, T fill, V *d)
 {
-    V x = xf_vec(xf, loadn(p, n, fill), d);
+    V x = xf_vec(xf, loadnx(p, n, fill), d);
     if (!xf.on || n >= L) return x;
     TI lane[L];
     for (int64_t i = 0; i < L; i++) lane[i] = (TI)i;
@@ -104,7 +104,7 @@ FCE_INLINE void dterm_add(VD *acc, int qmode, V q, const T *w, const T *p, int64
 
 /* Pass 1 of a block: the max of n contiguous classes (NaN never wins), read
  * from memory (with pf, a software prefetch PF_BYTES ahead). */
-FCE_INLINE T block_max(const T *x, int64_t n, int pf)
+FCE_INLINE T block_max(const XT *x, int64_t n, int pf)
 {
     V m0 = splat(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
     int64_t i = 0;
@@ -112,30 +112,30 @@ FCE_INLINE T block_max(const T *x, int64_t n, int pf)
         if (pf)
             for (int64_t b = 0; b < 4 * VB; b += 64)
                 __builtin_prefetch((const char *)(x + i) + PF_BYTES + b);
-        m0 = vmax(loadu(x + i), m0);
-        m1 = vmax(loadu(x + i + L), m1);
-        m2 = vmax(loadu(x + i + 2 * L), m2);
-        m3 = vmax(loadu(x + i + 3 * L), m3);
+        m0 = vmax(loadx(x + i), m0);
+        m1 = vmax(loadx(x + i + L), m1);
+        m2 = vmax(loadx(x + i + 2 * L), m2);
+        m3 = vmax(loadx(x + i + 3 * L), m3);
     }
-    for (; i < n; i += L) m0 = vmax(loadn(x + i, n - i, -INFINITY), m0);
+    for (; i < n; i += L) m0 = vmax(loadnx(x + i, n - i, -INFINITY), m0);
     return hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
 }
 
 /* prefetch the lines of two vectors at a */
-FCE_INLINE void prefetch_pair(const T *a, int pf)
+FCE_INLINE void prefetch_pair(const XT *a, int pf)
 {
     if (pf)
-        for (int64_t b = 0; b < 2 * VB; b += 64) __builtin_prefetch((const char *)a + b);
+        for (int64_t b = 0; b < 2 * L * (int64_t)sizeof(XT); b += 64) __builtin_prefetch((const char *)a + b);
 }
 
 /* The work on the two vectors at x + i: exps of x - k (kept in e_out), their
  * sums into s0, s1, the class-coefficient terms into dd, q0, and with find_max
  * the vectors' max into m0, m1 (NaN never wins). */
-FCE_INLINE void sum_pair(const T *x, int64_t i, V vk, int qmode, int find_max, const T *w,
+FCE_INLINE void sum_pair(const XT *x, int64_t i, V vk, int qmode, int find_max, const T *w,
                          const T *p, T pa, T pb, xfp xf, T *e_out, V *s0, V *s1, VD *dd,
                          V *q0, V *m0, V *m1)
 {
-    V xa = xf_vec(xf, loadu(x + i), NULL), xb = xf_vec(xf, loadu(x + i + L), NULL);
+    V xa = xf_vec(xf, loadx(x + i), NULL), xb = xf_vec(xf, loadx(x + i + L), NULL);
     if (find_max) {
         *m0 = vmax(xa, *m0);
         *m1 = vmax(xb, *m1);
@@ -166,9 +166,9 @@ FCE_INLINE void sum_pair(const T *x, int64_t i, V vk, int qmode, int find_max, c
  * at xn) runs over the last nn classes of this loop (so the reads from memory
  * stay in address order) and its max goes to *mn; with pf, pf_at[i] is
  * prefetched as x[i] is summed. */
-FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, int find_max,
+FCE_INLINE void block_rest(const XT *x, int64_t n, T mb, int qmode, int pf, int find_max,
                            const T *w, const T *p, T pa, T pb, xfp xf, VD *sums, T *e_out,
-                           const T *xn, int64_t nn, T *mn, T *own, const T *pf_at)
+                           const XT *xn, int64_t nn, T *mn, T *own, const XT *pf_at)
 {
     T k = mb == -INFINITY ? 0 : mb;
     V vk = splat(k);
@@ -181,7 +181,7 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, int f
     VD sd = sums[0], dd = sums[1], qd = sums[2];
     /* pass 1 of xn from class `from` on (a multiple of 2 L) */
     int64_t from = !xn ? n : n - nn < 0 ? 0 : (n - nn) / (2 * L) * (2 * L);
-    const T *x1 = xn ? xn - from : x; /* x1 + i: class i - from of xn */
+    const XT *x1 = xn ? xn - from : x; /* x1 + i: class i - from of xn */
     int64_t i = 0, covered = 0;
     while (i + 2 * L <= n) {
         int64_t end = i + CHUNK * 2 * L < n ? i + CHUNK * 2 * L : n;
@@ -196,8 +196,8 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, int f
         int64_t with1 = end < from + nn ? end : from + nn;
         for (; i + 2 * L <= with1; i += 2 * L) {
             prefetch_pair(pf_at + i, pf);
-            n0 = vmax(loadu(x1 + i), n0);
-            n1 = vmax(loadu(x1 + i + L), n1);
+            n0 = vmax(loadx(x1 + i), n0);
+            n1 = vmax(loadx(x1 + i + L), n1);
             covered = i + 2 * L - from;
             sum_pair(x, i, vk, qmode, find_max, w, p, pa, pb, xf, e_out, &s0, &s1, &dd, &q0,
                      &m0, &m1);
@@ -254,9 +254,9 @@ FCE_INLINE void block_rest(const T *x, int64_t n, T mb, int qmode, int pf, int f
 #define SPAN (4 * BLK)
 #endif
 #define SHIFT_SLACK 8
-FCE_INLINE void range_stats(const T *x, int64_t n, T mb, int qmode, int pf, const T *w,
+FCE_INLINE void range_stats(const XT *x, int64_t n, T mb, int qmode, int pf, const T *w,
                             const T *p, T pa, T pb, xfp xf, fce_state *st, T *e_out,
-                            double *bm, const T *xn, int64_t nn, T *mn)
+                            double *bm, const XT *xn, int64_t nn, T *mn)
 {
     VD sums[3];
     T shift = mb, unused = 0;
@@ -277,7 +277,7 @@ FCE_INLINE void range_stats(const T *x, int64_t n, T mb, int qmode, int pf, cons
         sums[0] = sums[1] = sums[2] = widen(splat(0)); \
     } while (0)
     T nm = NAN;
-    const int64_t ahead = PF_BYTES / (int64_t)sizeof(T);
+    const int64_t ahead = PF_BYTES / (int64_t)sizeof(XT);
     int64_t len = n < BLK ? n : BLK;
     /* the first block, from cache: its time would leave the memory idle, so it
      * prefetches the start of the next (or, for a one-block row, pass 1 reads
@@ -291,7 +291,7 @@ FCE_INLINE void range_stats(const T *x, int64_t n, T mb, int qmode, int pf, cons
     if (e_out) bm[0] = shift;
     for (int64_t b0 = len; b0 < n; b0 += SPAN) {
         int64_t sl = n - b0 < SPAN ? n - b0 : SPAN;
-        const T *nx = b0 + sl == n ? xn : NULL;
+        const XT *nx = b0 + sl == n ? xn : NULL;
         VD saved[3] = {sums[0], sums[1], sums[2]};
         T own = -INFINITY;
         block_rest(x + b0, sl, shift, qmode, pf, 1, w ? w + b0 : w, p ? p + b0 : p, pa, pb, xf,
@@ -312,11 +312,13 @@ FCE_INLINE void range_stats(const T *x, int64_t n, T mb, int qmode, int pf, cons
     if (xn) *mn = nm;
 }
 
-/* range_stats for the job's qmode, prefetch tuning and logit transform (each an
- * instantiation of its own). mb: the max of the first block of x as read (not
+/* range_stats for the job's qmode and logit transform (each an instantiation of its
+ * own; the prefetch tuning is a run-time flag: a predicted branch per pair of vectors,
+ * measured free on Zen 3 (bench/kernel_loops), where an instantiation per setting cost
+ * a third of the kernel's compile time). mb: the max of the first block of x as read (not
  * transformed), or NAN to have it found here; *mn likewise. */
-static void range_stats_any(const ctx *cx, const T *x, int64_t n, T mb, const T *w,
-                            const T *p, fce_state *st, T *e_out, double *bm, const T *xn,
+static void range_stats_any(const ctx *cx, const XT *x, int64_t n, T mb, const T *w,
+                            const T *p, fce_state *st, T *e_out, double *bm, const XT *xn,
                             int64_t nn, T *mn)
 {
     const int pf = cx->tune.prefetch;
@@ -325,18 +327,14 @@ static void range_stats_any(const ctx *cx, const T *x, int64_t n, T mb, const T 
         double unused;
         mb = xform1(cx->xf, mb, &unused);
     }
-#define RANGE_STATS_XF(q, pfc, xfc) \
-    range_stats(x, n, mb, q, pfc, w, p, cx->pa, cx->pb, xfc, st, e_out, bm, xn, nn, mn)
+#define RANGE_STATS_XF(q, pf, xfc) \
+    range_stats(x, n, mb, q, pf, w, p, cx->pa, cx->pb, xfc, st, e_out, bm, xn, nn, mn)
 #define RANGE_STATS(q)                                                     \
     do {                                                                   \
-        if (pf && cx->xf.on)                                               \
-            RANGE_STATS_XF(q, 1, XF_ON(cx));                               \
-        else if (pf)                                                       \
-            RANGE_STATS_XF(q, 1, XF_OFF);                                  \
-        else if (cx->xf.on)                                                \
-            RANGE_STATS_XF(q, 0, XF_ON(cx));                               \
+        if (cx->xf.on)                                                     \
+            RANGE_STATS_XF(q, pf, XF_ON(cx));                              \
         else                                                               \
-            RANGE_STATS_XF(q, 0, XF_OFF);                                  \
+            RANGE_STATS_XF(q, pf, XF_OFF);                                 \
     } while (0)
     switch (cx->qmode) {
     case Q_ONE: RANGE_STATS(Q_ONE); break;
@@ -352,7 +350,7 @@ static void range_stats_any(const ctx *cx, const T *x, int64_t n, T mb, const T 
 /* One vector of output at offset i (r valid lanes); adds its softmax values to
  * *mass. The softmax is exp((x - k) - ls), or e * f from exps kept by pass 2;
  * with a softcap the gradient is times sech^2 of the logits (read again for it). */
-FCE_INLINE V write_vec(const T *x, const T *ek, int64_t i, int64_t r, int qmode,
+FCE_INLINE V write_vec(const XT *x, const T *ek, int64_t i, int64_t r, int qmode,
                        int log_softmax, const T *w, const T *p, T pa, T pb, xfp xf, V vk,
                        V vls, V vf, V vc1, V vc2, V *mass)
 {
@@ -374,7 +372,7 @@ FCE_INLINE V write_vec(const T *x, const T *ek, int64_t i, int64_t r, int qmode,
 /* out[c] = c1 exp((x_c - k) - ls) - c2 q_c  (gradient), or (x_c - k) - ls (log-softmax).
  * Returns sum_c exp((x_c - k) - ls): the softmax mass written (folded into double
  * every 16 vectors). With `stream`, full aligned vectors use non-temporal stores. */
-FCE_INLINE double write_run(const T *x, const T *ek, T f, T *out, int64_t n, int qmode,
+FCE_INLINE double write_run(const XT *x, const T *ek, T f, XT *out, int64_t n, int qmode,
                             int log_softmax, int stream, const T *w, const T *p, T pa, T pb,
                             xfp xf, T k, T ls, T c1, T c2)
 {
@@ -384,24 +382,24 @@ FCE_INLINE double write_run(const T *x, const T *ek, T f, T *out, int64_t n, int
     int64_t i = 0;
 #define WRITE_VEC(i, r) \
     write_vec(x, ek, i, r, qmode, log_softmax, w, p, pa, pb, xf, vk, vls, vf, vc1, vc2, &mass)
-    if (HAVE_STREAM && stream && (uintptr_t)out % sizeof(T) == 0) {
-        int64_t head = (int64_t)(((uintptr_t)out / sizeof(T)) % L);
+    if (HAVE_STREAM && stream && (uintptr_t)out % sizeof(XT) == 0) {
+        int64_t head = (int64_t)(((uintptr_t)out / sizeof(XT)) % L);
         head = head ? L - head : 0;
         if (head > n) head = n;
-        if (head) storen(out, WRITE_VEC(0, head), head);
+        if (head) storenx(out, WRITE_VEC(0, head), head);
         total += widen(mass); /* the head's mass, even if no loop below runs */
         mass = splat(0);
         i = head;
         while (i + L <= n) {
             int64_t end = i + 16 * L < n ? i + 16 * L : n;
-            for (; i + L <= end; i += L) store_stream(out + i, WRITE_VEC(i, L));
+            for (; i + L <= end; i += L) streamx(out + i, WRITE_VEC(i, L));
             total += widen(mass);
             mass = splat(0);
         }
     }
     while (i < n) {
         int64_t end = i + 16 * L < n ? i + 16 * L : n;
-        for (; i < end; i += L) storen(out + i, WRITE_VEC(i, n - i), n - i);
+        for (; i < end; i += L) storenx(out + i, WRITE_VEC(i, n - i), n - i);
         total += widen(mass);
         mass = splat(0);
     }
@@ -413,7 +411,7 @@ FCE_INLINE double write_run(const T *x, const T *ek, T f, T *out, int64_t n, int
 
 /* The same over [0, n) without element `skip` (when 0 <= skip < n): the target's
  * output is written apart, and the mass of the others gives 1 - p_y exactly. */
-FCE_INLINE double write_range(const T *x, const T *ek, T f, T *out, int64_t n, int64_t skip,
+FCE_INLINE double write_range(const XT *x, const T *ek, T f, XT *out, int64_t n, int64_t skip,
                               int qmode, int log_softmax, int stream, const T *w, const T *p,
                               T pa, T pb, xfp xf, T k, T ls, T c1, T c2)
 {
@@ -428,7 +426,7 @@ FCE_INLINE double write_range(const T *x, const T *ek, T f, T *out, int64_t n, i
 }
 
 /* write_range for the job's op, qmode and logit transform (each an instantiation) */
-static double write_range_any(const ctx *cx, const T *x, const T *ek, T f, T *out, int64_t n,
+static double write_range_any(const ctx *cx, const XT *x, const T *ek, T f, XT *out, int64_t n,
                               int64_t skip, const T *w, const T *p, T k, T ls, T c1, T c2)
 {
     const int st = cx->stream;
@@ -452,8 +450,8 @@ static double write_range_any(const ctx *cx, const T *x, const T *ek, T f, T *ou
 
 /* The output of a row whose pass-2 exps are kept in ek (block shifts in bm):
  * block b's softmax is ek * exp(shift(bm[b]) - lse), no exp recomputed. */
-static double write_row_kept(const ctx *cx, const T *x, const T *ek, const double *bm,
-                             T *out, int64_t n, int64_t skip, const T *w, const T *p,
+static double write_row_kept(const ctx *cx, const XT *x, const T *ek, const double *bm,
+                             XT *out, int64_t n, int64_t skip, const T *w, const T *p,
                              const sample *smp, T c1, T c2)
 {
     double mass = 0.0, lse = smp->k + smp->ls, m = NAN;
@@ -480,9 +478,9 @@ static double write_row_kept(const ctx *cx, const T *x, const T *ek, const doubl
  * first block of the row read next, whose max goes to *mn; *mn is NAN if this
  * row was skipped). */
 static int row_state(const ctx *cx, int64_t r, sample *smp, fce_state *st, T *ek, double *bm,
-                     T mb, const T *xn, int64_t nn, T *mn)
+                     T mb, const XT *xn, int64_t nn, T *mn)
 {
-    const T *x = cx->x + r * cx->job->outer_stride;
+    const XT *x = cx->x + r * cx->job->outer_stride;
     const int kept = sample_target(cx, r, smp);
     if (!kept && !cx->job->lse_out) {
         if (mn) *mn = NAN;
@@ -498,7 +496,7 @@ static int row_state(const ctx *cx, int64_t r, sample *smp, fce_state *st, T *ek
     }
     /* read after the row, from cache: read before, it is a cache miss that holds
      * up the stream (about 3 % for rows of 128 KiB) */
-    if (cx->has_y) smp->xy = xf_logit(cx, x[smp->y], &smp->dy);
+    if (cx->has_y) smp->xy = xf_logit(cx, xt_get(x[smp->y]), &smp->dy);
     return 1;
 }
 
@@ -507,14 +505,14 @@ static int row_state(const ctx *cx, int64_t r, sample *smp, fce_state *st, T *ek
 static double row_one(const ctx *cx, int64_t r, T *ek)
 {
     const fce_job *job = cx->job;
-    const T *x = cx->x + r * job->outer_stride;
+    const XT *x = cx->x + r * job->outer_stride;
     const T *p = cx->p ? cx->p + r * job->prob_outer_stride : NULL;
-    T *g = cx->g + r * job->grad_outer_stride;
+    XT *g = cx->g + r * job->grad_outer_stride;
     sample smp;
     fce_state st;
     double bm[SEG / BLK + 1];
     if (!row_state(cx, r, &smp, &st, ek, bm, NAN, NULL, 0, NULL)) {
-        memset(g, 0, (size_t)cx->C * sizeof(T));
+        memset(g, 0, (size_t)cx->C * sizeof(XT));
         return 0.0;
     }
     double loss = finish_sample(cx, r, &st, log(st.s), &smp, x, 1);
@@ -526,7 +524,7 @@ static double row_one(const ctx *cx, int64_t r, T *ek)
         ek ? write_row_kept(cx, x, ek, bm, g, cx->C, skip, cx->w, p, &smp, (T)c1, (T)c2)
            : write_range_any(cx, x, NULL, 0, g, cx->C, skip, cx->w, p, (T)smp.k, (T)smp.ls,
                              (T)c1, (T)c2);
-    if (target) g[smp.y] = target_grad(cx, &smp, st.q, others, target_prob(&smp));
+    if (target) g[smp.y] = xt_put(target_grad(cx, &smp, st.q, others, target_prob(&smp)));
     return loss;
 }
 
@@ -545,7 +543,7 @@ static double rows_no_output(const ctx *cx, int64_t r0, int64_t r1)
         /* the last row's pass 1 goes on into the next item's first row: its max
          * is not passed on (that item may be another thread's), but the reads
          * overlap this row's exps and leave the block in cache */
-        const T *xn = r + 1 < N ? cx->x + (r + 1) * rs : NULL;
+        const XT *xn = r + 1 < N ? cx->x + (r + 1) * rs : NULL;
         sample smp;
         fce_state st;
         if (row_state(cx, r, &smp, &st, NULL, NULL, mb, xn, nn, &mb))

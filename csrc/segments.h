@@ -33,10 +33,10 @@ static void item_segment_write(const ctx *cx, int64_t it, int tid)
     int64_t r = it / cx->nseg, c0 = (it % cx->nseg) * cx->seg;
     int64_t len = cx->C - c0 < cx->seg ? cx->C - c0 : cx->seg;
     const sample *smp = &cx->smps[r];
-    T *out = cx->g + r * job->grad_outer_stride + c0;
+    XT *out = cx->g + r * job->grad_outer_stride + c0;
     cx->mass[it] = 0.0;
     if (smp->ignored) {
-        memset(out, 0, (size_t)len * sizeof(T));
+        memset(out, 0, (size_t)len * sizeof(XT));
         return;
     }
     double q = cx->states[r * cx->nseg].q;

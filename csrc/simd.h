@@ -264,6 +264,116 @@ static inline void stream_fence(void) {}
 #endif
 
 
+/* ------------------------------------------- the logits as stored (XT, fce_dtype.h)
+ * loadx, loadnx, storex, storenx, streamx: loadu, loadn, storeu, storen, store_stream
+ * of the logits' storage type. For half-precision logits, L values of 16 bits are
+ * widened to float in registers (F16C or AVX-512 conversions for float16, a shift
+ * for bfloat16; elsewhere integer arithmetic on the bits, exact) and rounded back to
+ * nearest even (overflow to inf, NaN quiet) as the gradient is stored. */
+#if FCE_XHALF
+typedef uint16_t VH __attribute__((vector_size(VB / 2))); /* L stored values */
+
+/* a where the comparison mask m is set, else b, for unsigned lanes (through vselect:
+ * the 1-lane form must avoid the bit select, see vselect) */
+FCE_INLINE VU uselect(VI m, VU a, VU b) { return (VU)vselect(m, (V)a, (V)b); }
+
+FCE_INLINE V half_widen(VH h)
+{
+    /* (the intrinsics where GCC 12 makes two half-width conversions of the generic form) */
+#if FCE_XHALF == 2 && defined(__AVX512F__) && VB == 64
+    return (V)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16);
+#elif FCE_XHALF == 2 && defined(__AVX2__) && VB == 32
+    return (V)_mm256_slli_epi32(_mm256_cvtepu16_epi32((__m128i)h), 16);
+#elif FCE_XHALF == 2
+    return (V)(__builtin_convertvector(h, VU) << 16);
+#elif defined(__AVX512F__) && VB == 64
+    return (V)_mm512_cvtph_ps((__m256i)h);
+#elif defined(__F16C__) && VB == 32
+    return (V)_mm256_cvtph_ps((__m128i)h);
+#else
+    VU u = __builtin_convertvector(h, VU), em = u & 0x7fffu, sign = (u & 0x8000u) << 16;
+    VU normal = (em << 13) + 0x38000000u, special = (em << 13) | 0x7f800000u;
+    VU sub = (VU)(__builtin_convertvector((VI)em, V) * 0x1p-24f); /* em 2^-24, exact */
+    VU r = uselect((VI)(em < 0x400u), sub, uselect((VI)(em >= 0x7c00u), special, normal));
+    return (V)(r | sign);
+#endif
+}
+
+FCE_INLINE VH half_round(V v)
+{
+#if FCE_XHALF == 2
+    VU u = (VU)v;
+    VU r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    r = uselect((VI)(v != v), (u >> 16) | 0x40u, r); /* NaN: quiet */
+#if defined(__AVX512F__) && VB == 64
+    return (VH)_mm512_cvtepi32_epi16((__m512i)r);
+#elif defined(__AVX2__) && VB == 32
+    return (VH)_mm_packus_epi32(_mm256_castsi256_si128((__m256i)r), _mm256_extracti128_si256((__m256i)r, 1));
+#else
+    return __builtin_convertvector(r, VH);
+#endif
+#elif defined(__AVX512F__) && VB == 64
+    return (VH)_mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif defined(__F16C__) && VB == 32
+    return (VH)_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    /* as xt_put (fce_dtype.h), lane by lane */
+    VU u = (VU)v, sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    VU norm = (a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    norm = uselect((VI)(norm > 0x7c00u), norm * 0 + 0x7c00u, norm);
+    VU sub = (VU)((V)a * 0x1p24f + 8388608.0f) - 0x4b000000u;
+    VU h = uselect((VI)(a < 0x38800000u), sub, norm);
+    h = uselect((VI)(a > 0x7f800000u), 0x7e00u | ((a >> 13) & 0x3ffu), h);
+    return __builtin_convertvector(h | sign, VH);
+#endif
+}
+
+FCE_INLINE V loadx(const XT *p)
+{
+    VH h;
+    memcpy(&h, p, sizeof h);
+    return half_widen(h);
+}
+FCE_INLINE void storex(XT *p, V v)
+{
+    VH h = half_round(v);
+    memcpy(p, &h, sizeof h);
+}
+FCE_INLINE V loadnx(const XT *p, int64_t n, T fill)
+{
+    if (n >= L) return loadx(p);
+    V v = splat(fill);
+    for (int64_t i = 0; i < n; i++) v[i] = xt_get(p[i]);
+    return v;
+}
+FCE_INLINE void storenx(XT *p, V v, int64_t n)
+{
+    if (n >= L) {
+        storex(p, v);
+        return;
+    }
+    VH h = half_round(v);
+    for (int64_t i = 0; i < n; i++) p[i] = h[i];
+}
+/* non-temporal, to (L * 2)-byte aligned p */
+FCE_INLINE void streamx(XT *p, V v)
+{
+#if HAVE_STREAM && VB == 64
+    _mm256_stream_si256((__m256i *)p, (__m256i)half_round(v));
+#elif HAVE_STREAM && VB == 32
+    _mm_stream_si128((__m128i *)p, (__m128i)half_round(v));
+#else
+    storex(p, v);
+#endif
+}
+#else
+FCE_INLINE V loadx(const XT *p) { return loadu(p); }
+FCE_INLINE void storex(XT *p, V v) { storeu(p, v); }
+FCE_INLINE V loadnx(const XT *p, int64_t n, T fill) { return loadn(p, n, fill); }
+FCE_INLINE void storenx(XT *p, V v, int64_t n) { storen(p, v, n); }
+FCE_INLINE void streamx(XT *p, V v) { store_stream(p, v); }
+#endif
+
 /* Transpose of an L x L tile held in L vectors, in place: r[i][k] <-> r[k][i].
  * The small-C paths use it to bring L rows of up to 32 classes into class
  * vectors (lanes across rows) and back, with contiguous loads and stores where

@@ -27,6 +27,17 @@ def variants():
     return out
 
 
+def dtypes():
+    """{name: macros} of the dtypes the kernel is compiled for (csrc/variants.txt)."""
+    out = {}
+    with open(os.path.join(CSRC, "variants.txt")) as f:
+        for line in f:
+            fields = line.split("#", 1)[0].split()
+            if fields and fields[0] == "dtype":
+                out[fields[1]] = fields[2:]
+    return out
+
+
 # setup.py's flags (C_FLAGS) plus -Werror; the kernel objects are compiled once, with
 # OpenMP, and serve both the warnings check and the baseline-instruction check below
 # (fastce_kernel.c has no OpenMP pragma; the files that do are compiled both ways).
@@ -38,8 +49,8 @@ HAVE_CC = shutil.which("cc") is not None and os.path.isdir(CSRC)
 def kernel_objects(tmp_path_factory):
     """{(isa, dtype): object path}: fastce_kernel.c for every variant and dtype, -Werror."""
     out = tmp_path_factory.mktemp("kernels")
-    objs = {(name, dtype): out / f"k_{name}_{dtype}.o" for name in variants() for dtype in ("32", "64")}
-    compile_all([["cc", *WERROR_FLAGS, "-fopenmp", *variants()[name], f"-DFCE_DTYPE={dtype}",
+    objs = {(name, dtype): out / f"k_{name}_{dtype}.o" for name in variants() for dtype in dtypes()}
+    compile_all([["cc", *WERROR_FLAGS, "-fopenmp", *variants()[name], *dtypes()[dtype],
                   f"-DFCE_ISA={name}", "-c", os.path.join(CSRC, "fastce_kernel.c"), "-o", str(obj)]
                  for (name, dtype), obj in objs.items()])
     return objs
@@ -57,8 +68,8 @@ def test_kernel_compiles_without_warnings(isa, tmp_path, kernel_objects):
     assert with_omp == ["fastce_planner.c"], with_omp
     cmds = []
     for tag, openmp in (("serial", []), ("openmp", ["-fopenmp"])):
-        for dtype in ("32", "64"):
-            cmds.append(["cc", *WERROR_FLAGS, *openmp, f"-DFCE_DTYPE={dtype}", "-c",
+        for dtype, macros in dtypes().items():
+            cmds.append(["cc", *WERROR_FLAGS, *openmp, *macros, "-c",
                          os.path.join(CSRC, "fastce_planner.c"),
                          "-o", str(tmp_path / f"planner_{dtype}_{tag}.o")])
         for once in ("fastce_dispatch.c", "fastce_shards.c"):
@@ -135,13 +146,13 @@ def test_baseline_variants_have_no_avx(isa, kernel_objects):
         pytest.skip("ISA-independent; compiled once")
     objs = kernel_objects
     for name in ("scalar", "sse2"):
-        for dtype in ("32", "64"):
+        for dtype in dtypes():
             asm = subprocess.run(["objdump", "-d", str(objs[name, dtype])], check=True,
                                  capture_output=True, text=True).stdout
             assert "ret" in asm  # it disassembled
             bad = [line for line in asm.splitlines() if "%ymm" in line or "%zmm" in line
                    or "%k1" in line]
-            assert not bad, f"{name} float{dtype} uses AVX registers: {bad[:3]}"
+            assert not bad, f"{name} {dtype} uses AVX registers: {bad[:3]}"
     # and the check can fail: the avx2 object does use ymm registers
-    assert "%ymm" in subprocess.run(["objdump", "-d", str(objs["avx2", "32"])], check=True,
+    assert "%ymm" in subprocess.run(["objdump", "-d", str(objs["avx2", "f32"])], check=True,
                                     capture_output=True, text=True).stdout

@@ -15,6 +15,7 @@ Checked three ways:
   this alone would not catch a bug shared with the float32 path, the first check does;
 * against torch's own half-precision CPU result: fastce is at least as accurate.
 """
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -32,7 +33,9 @@ HALF = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
 IDS = ["float16", "bfloat16"]
 U_HALF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 TINY_HALF = {"float16": 2.0 ** -25, "bfloat16": 2.0 ** -134}
-SHAPES = [(7,), (64, 10), (5, 300), (2, 40000), (3, 6, 4), (4, 1500, 3)]
+# (7,), (64, 10) and the K-dim shapes go through a float32 copy; rows of > 32 classes are
+# read as stored by the half kernels, (2, 140000) in segments (rows past 131072 floats)
+SHAPES = [(7,), (64, 10), (5, 300), (2, 40000), (2, 140000), (3, 6, 4), (4, 1500, 3)]
 OPTIONS = [dict(), dict(weight=True, label_smoothing=0.1), dict(reduction="sum", ignore=True),
            dict(reduction="none", weight=True), dict(z_loss=1e-3, softcap=15.0),
            dict(logit_scale=0.7, z_loss=1e-4, label_smoothing=0.05, ignore=True),
@@ -202,6 +205,63 @@ def test_half_vocabulary_shards(isa, dtype):
     for (lh, gh), (l32, g32) in zip(half, res):
         assert lh.dtype == np.float32 and lh == l32
         assert gh.dtype == dtype and np.array_equal(gh, g32.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_half_kernel_conversions(isa, dtype):
+    """The half kernels' conversions in registers (per variant: F16C or AVX-512 for
+    float16, a shift for bfloat16, integer arithmetic elsewhere): each of the 65536
+    stored values widens to the float32 NumPy (ml_dtypes) gives it, and float32 values
+    round to the stored value of NumPy's cast, to nearest even: every stored value, the
+    midpoints between neighbours (ties) and the floats either side of them, the
+    overflow threshold, float32's extremes and a million random float32 bit patterns
+    (NaN stays NaN)."""
+    from fastce._core import _half_convert
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    got = _half_convert(bits, dtype.name)
+    want = bits.view(dtype).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))  # -0 too
+    vals = np.unique(want[~nan & np.isfinite(want)].astype(np.float64))
+    mids = ((vals[:-1] + vals[1:]) / 2).astype(np.float32)  # exact: one more bit
+    f32 = np.finfo(np.float32)
+    rng = np.random.default_rng(12)
+    f = np.concatenate([want, mids, np.nextafter(mids, np.float32(np.inf)),
+                        np.nextafter(mids, np.float32(-np.inf)),
+                        np.array([65520, 65519.996, -65520, f32.max, -f32.max, f32.tiny,
+                                  f32.smallest_subnormal, 2.0 ** -25, 2.0 ** -24 * 1.5],
+                                 np.float32),
+                        rng.integers(0, 2 ** 32, 10 ** 6, dtype=np.uint64)
+                        .astype(np.uint32).view(np.float32)])
+    with np.errstate(over="ignore", invalid="ignore"):
+        want_bits = f.astype(dtype).view(np.uint16)
+    got_bits = _half_convert(f, dtype.name)
+    nan = np.isnan(f)
+    assert np.array_equal(got_bits[~nan], want_bits[~nan])
+    assert np.isnan(got_bits[nan].view(dtype).astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_half_rows_read_as_stored(dtype):
+    """Rows of more than 32 classes are read and written as stored: no float32 copy
+    of the logits is made (NumPy's allocations, traced), the gradient and log-softmax
+    are the only arrays of the logits' size, in their dtype."""
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal((512, 2000)) * 3).astype(dtype)
+    t = rng.integers(0, 2000, 512)
+    calls = [(lambda: fastce.cross_entropy(x, t, label_smoothing=0.1, z_loss=1e-4), 0.1),
+             (lambda: fastce.cross_entropy_with_grad(x, t, softcap=30.0), 1.1),
+             (lambda: fastce.log_softmax(x), 1.1), (lambda: fastce.logsumexp(x), 0.1)]
+    for call, most in calls:
+        call()  # warm (first-call allocations)
+        tracemalloc.start()
+        try:
+            call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak <= most * x.nbytes, (peak, x.nbytes)
 
 
 def test_half_refused_where_not_supported():

@@ -74,6 +74,16 @@ cdef object _as_logits(logits):
     return a
 
 
+cdef int _half_kind(dt):
+    """The kernel for half logits read as they are stored: 2 float16 (native byte
+    order), 3 bfloat16; 0 for any other dtype (_run's kinds: 1 float32, 0 float64)."""
+    if dt.kind == "f" and dt.itemsize == 2 and dt.isnative:
+        return 2
+    if dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16":
+        return 3
+    return 0
+
+
 cdef object _compute_logits(a):
     """The logits the kernel reads: half-precision logits (float16, bfloat16) as a
     float32 copy (exact: every half value is a float32), in which everything is computed;
@@ -126,8 +136,10 @@ cdef bint _extents_overlap(cnp.ndarray a, cnp.ndarray b):
 cdef class CrossEntropyArgs:
     """The arguments of a cross-entropy call, checked, in canonical form.
 
-    x: the logits (float32/float64 ndarray, native byte order, any strides; half
-    logits as a float32 copy); dtype: x's dtype, the one computed and returned in;
+    x0: the logits (float32/float64 ndarray in native byte order, or half precision;
+    any strides); x: the logits to compute from, x0 itself but for half logits, whose
+    float32 copy it is (made when first asked for: the half kernels read x0 itself);
+    dtype: the dtype computed and returned in (float32 for half logits);
     grad_dtype: the logits' own dtype, that of the gradient (dtype but for half logits);
     axis: the class axis (0 for (C,), else 1); C; sample_shape;
     prob: whether target holds probabilities; t: the target (native byte order:
@@ -140,13 +152,20 @@ cdef class CrossEntropyArgs:
     has_go: whether a grad_output was given; out: the checked out= buffer or None;
     inplace: out is the logits themselves.
     """
-    cdef readonly object x, dtype, grad_dtype, t, w, go, out, ignore_index
+    cdef readonly object x0, dtype, grad_dtype, t, w, go, out, ignore_index
+    cdef object _x
     cdef readonly str reduction
     cdef readonly tuple sample_shape
     cdef readonly int axis, red
     cdef readonly int64_t C
     cdef readonly bint prob, inplace, has_go
     cdef readonly double eps, go_scalar
+
+    @property
+    def x(self):
+        if self._x is None:
+            self._x = _compute_logits(self.x0)
+        return self._x
 
 
 cdef CrossEntropyArgs _normalize_ce(logits, target, weight, ignore_index, reduction,
@@ -156,17 +175,17 @@ cdef CrossEntropyArgs _normalize_ce(logits, target, weight, ignore_index, reduct
         refuse_masked(logits=logits, target=target, weight=weight, grad_output=grad_output,
                       out=out)
     x0 = _as_logits(logits)
-    x = _compute_logits(x0)
-    a.x = x
-    dtype = a.dtype = x.dtype
+    a.x0 = x0
+    a._x = None if _is_half(x0.dtype) else x0
+    dtype = a.dtype = _F32 if a._x is None else x0.dtype
     a.grad_dtype = x0.dtype
-    cdef int axis = 1 if x.ndim >= 2 else 0
+    cdef int axis = 1 if x0.ndim >= 2 else 0
     a.axis = axis
-    a.C = x.shape[axis]
+    a.C = x0.shape[axis]
     if a.C == 0:
-        raise ValueError(f"logits must have at least one class, got shape {x.shape} (the "
+        raise ValueError(f"logits must have at least one class, got shape {x0.shape} (the "
                          f"class axis {axis} has length 0)")
-    a.sample_shape = x.shape[:axis] + x.shape[axis + 1:]
+    a.sample_shape = x0.shape[:axis] + x0.shape[axis + 1:]
 
     red = _REDUCTION_CODES.get(reduction) if type(reduction) is str else None
     if red is None:
@@ -197,9 +216,9 @@ cdef CrossEntropyArgs _normalize_ce(logits, target, weight, ignore_index, reduct
                         f"probabilities (a float dtype), got dtype {t.dtype}")
     t = _native(t)  # one conversion to native byte order, before anything reads values
     # as torch decides: a target of the logits' shape holds probabilities
-    if t.shape == x.shape:
+    if t.shape == x0.shape:
         if kind != "f":
-            raise TypeError(f"a target of the logits' shape {x.shape} holds class "
+            raise TypeError(f"a target of the logits' shape {x0.shape} holds class "
                             f"probabilities and must have a float dtype, got {t.dtype}; "
                             f"class indices have shape {a.sample_shape}")
         if ignore_index != -100:
@@ -208,11 +227,11 @@ cdef CrossEntropyArgs _normalize_ce(logits, target, weight, ignore_index, reduct
         a.prob = True
     elif kind == "f":
         raise TypeError(f"a float target holds class probabilities and must have the logits' "
-                        f"shape {x.shape}, got shape {t.shape}; class indices need an "
+                        f"shape {x0.shape}, got shape {t.shape}; class indices need an "
                         "integer dtype")
     elif t.shape != a.sample_shape:
         raise ValueError(f"target of class indices must have shape {a.sample_shape} for "
-                         f"logits of shape {x.shape}, got shape {t.shape}")
+                         f"logits of shape {x0.shape}, got shape {t.shape}")
     a.t = t
 
     w0 = None
@@ -246,8 +265,8 @@ cdef CrossEntropyArgs _normalize_ce(logits, target, weight, ignore_index, reduct
             raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
         if out.dtype != a.grad_dtype:
             raise TypeError(_out_dtype_message(a.grad_dtype, out.dtype))
-        if out.shape != x.shape:
-            raise ValueError(f"out must have the logits' shape {x.shape}, got {out.shape}")
+        if out.shape != x0.shape:
+            raise ValueError(f"out must have the logits' shape {x0.shape}, got {out.shape}")
         if not out.flags.writeable:
             raise ValueError("out is read-only; it must be a writable array")
         # "out is logits": the same object, or a view of exactly the same elements
@@ -320,17 +339,23 @@ def cross_entropy_args(logits, target, weight=None, ignore_index=-100, reduction
                          grad_output, out, want_grad)
 
 
+cdef tuple _lse_args_stored(logits, axis):
+    """(the logits as given: a float32/float64 or half-precision ndarray, the axis made
+    non-negative) for log_softmax/logsumexp; raises their TypeError/ValueError."""
+    if _any_masked(logits, None, None, None, None):
+        refuse_masked(logits=logits)
+    x0 = _as_logits(logits)
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {axis!r} of type {type(axis).__name__}")
+    cdef int ndim = x0.ndim
+    if not -ndim <= axis < ndim:  # AxisError is a ValueError and an IndexError
+        raise np.exceptions.AxisError(int(axis), ndim)
+    return x0, int(axis) % ndim
+
+
 def lse_args(logits, axis):
     """(logits as a float ndarray to compute in, the axis made non-negative, the logits'
     own dtype) for log_softmax/logsumexp; raises their TypeError/ValueError. Half logits
     come as float32 (_compute_logits)."""
-    if _any_masked(logits, None, None, None, None):
-        refuse_masked(logits=logits)
-    x0 = _as_logits(logits)
-    x = _compute_logits(x0)
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"axis must be an int, got {axis!r} of type {type(axis).__name__}")
-    cdef int ndim = x.ndim
-    if not -ndim <= axis < ndim:  # AxisError is a ValueError and an IndexError
-        raise np.exceptions.AxisError(int(axis), ndim)
-    return x, int(axis) % ndim, x0.dtype
+    x0, ax = _lse_args_stored(logits, axis)
+    return _compute_logits(x0), ax, x0.dtype

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 
 cimport numpy as cnp
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint16_t
 from libc.string cimport memset
 
 cnp.import_array()
@@ -51,6 +51,8 @@ cdef extern from "fastce.h" nogil:
 
     int fce_run_f32(fce_job *job)
     int fce_run_f64(fce_job *job)
+    int fce_run_f16(fce_job *job)
+    int fce_run_bf16(fce_job *job)
     int fce_isa_count()
     const char *fce_isa_name(int index)
     int fce_isa_supported(int index)
@@ -67,6 +69,10 @@ cdef extern from "fastce.h" nogil:
     int fce_forked_single()
     void fce_exp_f32(const float *x, float *y, int64_t n)
     void fce_exp_f64(const double *x, double *y, int64_t n)
+    void fce_widen_f16(const uint16_t *h, float *x, int64_t n)
+    void fce_round_f16(const float *x, uint16_t *h, int64_t n)
+    void fce_widen_bf16(const uint16_t *h, float *x, int64_t n)
+    void fce_round_bf16(const float *x, uint16_t *h, int64_t n)
     enum:  # the fields of a shard's state (fastce.h)
         FCE_ST_M, FCE_ST_S, FCE_ST_D, FCE_ST_Q, FCE_ST_N, FCE_ST_T, FCE_ST_H, FCE_ST_NAN
         FCE_STATE_LEN
@@ -100,6 +106,7 @@ cdef enum:
 
 _INT64_MAX = 2 ** 63 - 1
 _COLS_MAX_C = 1024  # FCE_COLS_MAX_C in csrc/fastce_internal.h
+_SMALL_C = 32  # FCE_SMALL_C there: the half kernels take rows of more classes
 
 include "_args.pxi"
 
@@ -282,6 +289,35 @@ def _exp(x):
     return y
 
 
+def _half_convert(a, str kind):
+    """The half kernels' conversions on the variant in use, for tests (kind "float16"
+    or "bfloat16"): uint16 bits -> their float32 values; float32 -> the uint16 bits of
+    the nearest stored value (ties to even)."""
+    cdef bint bf = kind == "bfloat16"
+    if kind != "float16" and not bf:
+        raise ValueError(f"kind must be 'float16' or 'bfloat16', got {kind!r}")
+    cdef object x = np.ascontiguousarray(a)
+    cdef int64_t n = x.size
+    cdef object y
+    if x.dtype == np.uint16:
+        y = np.empty(x.shape, np.float32)
+        with nogil:
+            if bf:
+                fce_widen_bf16(<const uint16_t *>cnp.PyArray_DATA(<cnp.ndarray>x), <float *>cnp.PyArray_DATA(<cnp.ndarray>y), n)
+            else:
+                fce_widen_f16(<const uint16_t *>cnp.PyArray_DATA(<cnp.ndarray>x), <float *>cnp.PyArray_DATA(<cnp.ndarray>y), n)
+    elif x.dtype == np.float32:
+        y = np.empty(x.shape, np.uint16)
+        with nogil:
+            if bf:
+                fce_round_bf16(<const float *>cnp.PyArray_DATA(<cnp.ndarray>x), <uint16_t *>cnp.PyArray_DATA(<cnp.ndarray>y), n)
+            else:
+                fce_round_f16(<const float *>cnp.PyArray_DATA(<cnp.ndarray>x), <uint16_t *>cnp.PyArray_DATA(<cnp.ndarray>y), n)
+    else:
+        raise TypeError("a must be uint16 (stored bits) or float32")
+    return y
+
+
 # ------------------------------------------------------------------ checks
 
 cdef tuple _layout(object a, int axis, bint allow_copy):
@@ -363,13 +399,19 @@ cdef void _set_grad_geometry(fce_job *job, tuple glay):
     job.grad_class_stride = glay[6]
     job.grad_inner_stride = 1
 
-cdef int _run(fce_job *job, bint f32) except -1:
+cdef int _run(fce_job *job, int kind) except -1:
+    """Run the job on the kernel of its logits' kind: 0 float64, 1 float32, 2 float16,
+    3 bfloat16 (_half_kind)."""
     cdef int status
     with nogil:
-        if f32:
+        if kind == 1:
             status = fce_run_f32(job)
-        else:
+        elif kind == 0:
             status = fce_run_f64(job)
+        elif kind == 2:
+            status = fce_run_f16(job)
+        else:
+            status = fce_run_bf16(job)
     if status == FCE_ERR_NOMEM:
         raise MemoryError("fastce: could not allocate scratch memory")
     if status != FCE_OK and status != FCE_ERR_TARGET:
@@ -491,9 +533,11 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, tuple 
     state (_shards.pxi; a.w then holds every class's weight)."""
     cdef fce_job job
     memset(&job, 0, sizeof(job))
-    x, t, w, go, o, dtype = a.x, a.t, a.w, a.go, a.out, a.dtype
-    cdef bint f32 = dtype is _F32 or dtype == _F32
-    # half logits: computed in float32 (a.x is their copy), the gradient rounded after
+    t, w, go, o, dtype = a.t, a.w, a.go, a.out, a.dtype
+    cdef int kind = 1 if dtype is _F32 or dtype == _F32 else 0
+    # half logits: computed in float32; read as they are stored by the half kernels
+    # (rows of > 32 classes, unsharded, no copy needed), else from a float32 copy (a.x)
+    # with the gradient rounded after
     cdef bint half = a.grad_dtype is not dtype and a.grad_dtype != dtype
     cdef int axis = a.axis
     cdef int64_t C = a.C
@@ -503,9 +547,21 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, tuple 
     sample_shape = a.sample_shape
 
     # layouts: logits first, the others follow its kind
-    lay = _layout(x, axis, True)
+    lay = None
+    x = a.x0
+    if half and shard is None and C > _SMALL_C and _half_kind(x.dtype):
+        lay = _layout(x, axis, False)
+        if lay is not None and lay[1]:
+            kind = _half_kind(x.dtype)
+            half = False  # nothing to round after: the kernel stores the half gradient
+        else:
+            lay = None
+    if lay is None:
+        x = a.x
+        lay = _layout(x, axis, True)
     _set_geometry(&job, lay)
     cdef bint rows = lay[1]
+    gdtype = a.grad_dtype if kind >= 2 else dtype
 
     cdef object tt = None
     cdef object pp = None
@@ -583,11 +639,11 @@ cdef object _cross_entropy(CrossEntropyArgs a, bint want_grad, n_threads, tuple 
         if g is None:
             if not half:
                 gtarget = o
-            g = _empty_like_layout(lay, x.shape, axis, dtype)
+            g = _empty_like_layout(lay, x.shape, axis, gdtype)
             glay = _layout(g, axis, False)
         _set_grad_geometry(&job, glay)
 
-    if _run(&job, f32) == FCE_ERR_TARGET:
+    if _run(&job, kind) == FCE_ERR_TARGET:
         _raise_bad_target(job.bad_value, job.bad_position, t.shape, C_all, ignore_index)
 
     if a.red == FCE_REDUCE_NONE:
@@ -627,8 +683,9 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
         Unnormalised scores; the class axis is 1 (0 for a 1-D input). Any
         memory layout is accepted (a C-contiguous (N, C) array is not copied).
         Half precision: float16, or ``ml_dtypes.bfloat16`` (the dtype JAX
-        uses; ``pip install fastce[bfloat16]``) is computed in float32 (from
-        a float32 copy of the logits, for now) and its loss, z part and lse
+        uses; ``pip install fastce[bfloat16]``) is computed in float32 (rows
+        of more than 32 classes read as stored and widened in registers;
+        other layouts from a float32 copy) and its loss, z part and lse
         are **float32**, not rounded to the input's precision as torch rounds
         them (a bfloat16 loss near 36 would move in steps of 0.25).
     target : array_like
@@ -790,9 +847,14 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index=-100,
 cdef object _lse_op(logits, axis, int op, n_threads):
     cdef fce_job job
     memset(&job, 0, sizeof(job))
-    x, axis, in_dtype = lse_args(logits, axis)
+    x, axis = _lse_args_stored(logits, axis)
     cdef int nt = _threads(n_threads)  # checked before any early return (an empty axis)
-    dtype = x.dtype
+    in_dtype = x.dtype
+    # half logits: computed in float32, read as stored where the half kernels take the
+    # layout (rows of > 32 classes), else from a float32 copy, rounded after
+    cdef int kind = _half_kind(in_dtype) if _is_half(in_dtype) else (
+        1 if in_dtype == np.float32 else 0)
+    dtype = _F32 if _is_half(in_dtype) else in_dtype
     cdef int ndim = x.ndim
     cdef int ax = axis
     cdef int64_t C = x.shape[ax]
@@ -802,7 +864,16 @@ cdef object _lse_op(logits, axis, int op, n_threads):
             r = np.full(out_shape, -np.inf, dtype=dtype)
             return r if ndim > 1 else dtype.type(r)
         return np.empty(x.shape, dtype=in_dtype)
-    lay = _layout(x, ax, True)
+    lay = None
+    if kind >= 2 and C > _SMALL_C:
+        lay = _layout(x, ax, False)
+        if lay is not None and not lay[1]:
+            lay = None
+    if lay is None:
+        if _is_half(in_dtype):
+            kind = 1
+            x = _compute_logits(x)
+        lay = _layout(x, ax, True)
     _set_geometry(&job, lay)
     job.op = op
     job.reduction = FCE_REDUCE_NONE
@@ -820,13 +891,13 @@ cdef object _lse_op(logits, axis, int op, n_threads):
         res = np.empty(out_shape, dtype=dtype)
         job.lse_out = cnp.PyArray_DATA(<cnp.ndarray>res)
     else:
-        res = _empty_like_layout(lay, x.shape, ax, dtype)
+        res = _empty_like_layout(lay, x.shape, ax, in_dtype if kind >= 2 else dtype)
         glay = _layout(res, ax, False)
         _set_grad_geometry(&job, glay)
-    _run(&job, dtype == np.float32)
+    _run(&job, kind)
     if op == FCE_OP_LOGSUMEXP and ndim == 1:
         return dtype.type(res[()])
-    if op == FCE_OP_LOG_SOFTMAX and in_dtype != dtype:
+    if op == FCE_OP_LOG_SOFTMAX and kind < 2 and in_dtype != dtype:
         return _round_half(res, in_dtype, None)  # half logits: rounded once from float32
     return res
 

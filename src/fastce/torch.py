@@ -57,8 +57,10 @@ Policies
   ``meta``, ...) raises :class:`RuntimeError` naming the device.  There is no
   silent fallback to :func:`torch.nn.functional.cross_entropy`.
 * Dtypes: ``input`` is ``torch.float32``, ``torch.float64``, ``torch.float16``
-  or ``torch.bfloat16``.  Half precision is computed in float32 (from a float32
-  copy made by torch, for now): the loss, z part and lse are **float32 tensors**,
+  or ``torch.bfloat16``.  Half precision is computed in float32 (the tensor's
+  memory read as stored, widened in registers, for rows of more than 32 classes;
+  bfloat16 needs ``ml_dtypes`` for that, else torch makes a float32 copy first):
+  the loss, z part and lse are **float32 tensors**,
   deliberately not rounded to the input's precision as PyTorch rounds them
   (its bfloat16 loss moves in steps of 0.25 near 36; ``loss.to(input.dtype)``
   gives that rounding, with its gradient, if wanted); the gradient has
@@ -87,8 +89,8 @@ __all__ = ["cross_entropy", "CrossEntropyLoss", "vocab_parallel_cross_entropy",
            "linear_cross_entropy", "LinearCrossEntropyLoss"]
 
 from ._torch_common import (_FLOAT_DTYPES, _HALF_DTYPES, _check_cpu,  # noqa: F401
-                            _empty_grad, _is_functorch_wrapped, _loss_to_tensor, _outputs,
-                            _to_numpy, _validate)
+                            _empty_grad, _half_view, _is_functorch_wrapped, _loss_to_tensor,
+                            _outputs, _to_numpy, _validate)
 
 
 def _float32_copy(t):
@@ -98,11 +100,15 @@ def _float32_copy(t):
 
 
 def _np(t):
-    """A tensor as NumPy reads it: half precision as a float32 copy (exact; bfloat16 NumPy
-    lacks, and torch converts float16 faster than NumPy); anything else shared, no copy."""
+    """A tensor as NumPy reads it, shared, no copy: half precision as NumPy's float16 or
+    ml_dtypes' bfloat16 (the half kernels read it as stored), or as a float32 copy for
+    bfloat16 without ml_dtypes (exact; torch's conversion)."""
     if t is None:
         return None
-    return _to_numpy(_float32_copy(t) if t.dtype in _HALF_DTYPES else t)
+    if t.dtype in _HALF_DTYPES:
+        x = _half_view(t)
+        return x if x is not None else _to_numpy(_float32_copy(t))
+    return _to_numpy(t)
 
 
 def _result_dtype(dtype):
@@ -112,18 +118,19 @@ def _result_dtype(dtype):
 
 def _loss_and_grad(input, target, weight, inplace, **options):
     """The fused forward+backward: (loss, gradient tensor of input's dtype, extras).
-    Half-precision input is computed in float32 (torch's own conversion, then the
-    float32 kernel) and its gradient rounded once to input's dtype; inplace writes the
-    gradient over input's storage."""
+    Half-precision input is computed in float32 and its gradient rounded once to input's
+    dtype: read and written as stored by the half kernels (fastce.cross_entropy_with_grad
+    on its NumPy view), or without ml_dtypes for bfloat16 through a float32 copy (torch's
+    own conversion); inplace writes the gradient over input's storage."""
     t, w = _np(target), _np(weight)
-    if input.dtype in _HALF_DTYPES:
+    if input.dtype in _HALF_DTYPES and _half_view(input) is None:
         # one float32 buffer: the logits converted into it, the gradient written over them
         g32 = _float32_copy(input)
         x32 = g32.numpy()
         loss, _, *extras = _fastce.cross_entropy_with_grad(x32, t, weight=w, out=x32, **options)
         grad = input.detach().copy_(g32) if inplace else g32.to(input.dtype)
         return loss, grad, extras
-    x = _to_numpy(input)
+    x = _np(input)
     if inplace:
         # the gradient over the logits' own storage (checked by the caller: a
         # C-contiguous non-leaf)
@@ -131,7 +138,7 @@ def _loss_and_grad(input, target, weight, inplace, **options):
     else:
         # a fresh C-contiguous buffer that receives the gradient
         grad = _empty_grad(input.shape, input.dtype)
-        out = grad.numpy()
+        out = _np(grad)
     loss, _, *extras = _fastce.cross_entropy_with_grad(x, t, weight=w, out=out, **options)
     return loss, grad, extras
 
