@@ -67,6 +67,42 @@ VARIANTS = read_variants(platform.machine().lower())
 DTYPES = read_dtypes()
 
 
+# the /proc/cpuinfo flags each variant needs (FASTCE_ISAS=native)
+_CPU_FLAGS = {"avx512": {"avx512f", "avx512dq", "avx512bw", "avx512vl"},
+              "avx2": {"avx2", "fma", "f16c"}, "sse2": {"sse2"}, "neon": {"asimd"}}
+
+
+def _widest_native():
+    """The widest variant this machine's CPU runs (from /proc/cpuinfo), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return None
+    return next((isa for isa in ("avx512", "avx2", "sse2", "neon")
+                 if isa in VARIANTS and _CPU_FLAGS[isa] <= flags), None)
+
+
+def chosen_variants():
+    """The variants to build: all of VARIANTS, or those FASTCE_ISAS names (comma-separated;
+    scalar always: it is the fallback; "native": scalar and the widest this CPU runs). A
+    knob for debugging, sanitizer and floor builds, which then take a fraction of the
+    time (16 objects -> 8); a wheel is built with every variant."""
+    want = [n.strip() for n in os.environ.get("FASTCE_ISAS", "").split(",") if n.strip()]
+    if want == ["native"]:
+        widest = _widest_native()
+        want = ["scalar"] + ([widest] if widest else [])
+        if widest is None:
+            return dict(VARIANTS)
+    if not want:
+        return dict(VARIANTS)
+    unknown = sorted(set(want) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"FASTCE_ISAS names {unknown}: not variants of this machine "
+                         f"(csrc/variants.txt: {sorted(VARIANTS)})")
+    return {isa: flags for isa, flags in VARIANTS.items() if isa in want or isa == "scalar"}
+
+
 def _compiler_accepts(compiler_cmd, compile_flags, link_flags):
     """True if the C compiler builds and links a small OpenMP program with these flags
     (and the CFLAGS/LDFLAGS of the environment, which may say where libomp lies)."""
@@ -115,11 +151,13 @@ class BuildExt(build_ext):
         # the compilations, each (source, output dir, macros, flags): the paths once per
         # (ISA, dtype) with that ISA's flags, the planner once per dtype, the dispatcher and
         # the shard states once
+        chosen = chosen_variants()
         jobs = [("fastce_kernel.c", f"kernel_{isa}_{dtype}", macros + [("FCE_ISA", isa)], flags)
-                for isa, flags in VARIANTS.items() for dtype, macros in DTYPES.items()]
+                for isa, flags in chosen.items() for dtype, macros in DTYPES.items()]
         jobs += [("fastce_planner.c", f"planner_{dtype}", macros, [])
                  for dtype, macros in DTYPES.items()]
-        jobs += [("fastce_dispatch.c", "", [], []), ("fastce_shards.c", "", [], [])]
+        without = [("FCE_WITHOUT_" + isa.upper(), "1") for isa in VARIANTS if isa not in chosen]
+        jobs += [("fastce_dispatch.c", "", without, []), ("fastce_shards.c", "", [], [])]
 
         def compile_one(job):
             src, out, macros, flags = job

@@ -72,11 +72,19 @@ static int has_avx512(void)
 
 static const variant variants[] = {
     VARIANT(scalar, always),
+/* a build of some variants only (setup.py, FASTCE_ISAS: debugging and sanitizer
+ * builds) leaves the others out with FCE_WITHOUT_<ISA> */
 #if defined(FCE_X86)
+#ifndef FCE_WITHOUT_SSE2
     VARIANT(sse2, always),
+#endif
+#ifndef FCE_WITHOUT_AVX2
     VARIANT(avx2, has_avx2),
+#endif
+#ifndef FCE_WITHOUT_AVX512
     VARIANT(avx512, has_avx512),
-#elif defined(FCE_ARM64)
+#endif
+#elif defined(FCE_ARM64) && !defined(FCE_WITHOUT_NEON)
     VARIANT(neon, always),
 #endif
 };
