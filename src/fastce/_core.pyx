@@ -289,32 +289,32 @@ def _exp(x):
     return y
 
 
+ctypedef void (*_widen_fn)(const uint16_t *h, float *x, int64_t n) noexcept nogil
+ctypedef void (*_round_fn)(const float *x, uint16_t *h, int64_t n) noexcept nogil
+
+
 def _half_convert(a, str kind):
     """The half kernels' conversions on the variant in use, for tests (kind "float16"
     or "bfloat16"): uint16 bits -> their float32 values; float32 -> the uint16 bits of
     the nearest stored value (ties to even)."""
-    cdef bint bf = kind == "bfloat16"
-    if kind != "float16" and not bf:
+    if kind != "float16" and kind != "bfloat16":
         raise ValueError(f"kind must be 'float16' or 'bfloat16', got {kind!r}")
+    cdef bint bf = kind == "bfloat16"
+    cdef _widen_fn widen = fce_widen_bf16 if bf else fce_widen_f16
+    cdef _round_fn rnd = fce_round_bf16 if bf else fce_round_f16
     cdef object x = np.ascontiguousarray(a)
-    cdef int64_t n = x.size
-    cdef object y
-    if x.dtype == np.uint16:
-        y = np.empty(x.shape, np.float32)
-        with nogil:
-            if bf:
-                fce_widen_bf16(<const uint16_t *>cnp.PyArray_DATA(<cnp.ndarray>x), <float *>cnp.PyArray_DATA(<cnp.ndarray>y), n)
-            else:
-                fce_widen_f16(<const uint16_t *>cnp.PyArray_DATA(<cnp.ndarray>x), <float *>cnp.PyArray_DATA(<cnp.ndarray>y), n)
-    elif x.dtype == np.float32:
-        y = np.empty(x.shape, np.uint16)
-        with nogil:
-            if bf:
-                fce_round_bf16(<const float *>cnp.PyArray_DATA(<cnp.ndarray>x), <uint16_t *>cnp.PyArray_DATA(<cnp.ndarray>y), n)
-            else:
-                fce_round_f16(<const float *>cnp.PyArray_DATA(<cnp.ndarray>x), <uint16_t *>cnp.PyArray_DATA(<cnp.ndarray>y), n)
-    else:
+    if x.dtype != np.uint16 and x.dtype != np.float32:
         raise TypeError("a must be uint16 (stored bits) or float32")
+    cdef bint to_float = x.dtype == np.uint16
+    cdef object y = np.empty(x.shape, np.float32 if to_float else np.uint16)
+    cdef void *src = cnp.PyArray_DATA(<cnp.ndarray>x)
+    cdef void *dst = cnp.PyArray_DATA(<cnp.ndarray>y)
+    cdef int64_t n = x.size
+    with nogil:
+        if to_float:
+            widen(<const uint16_t *>src, <float *>dst, n)
+        else:
+            rnd(<const float *>src, <uint16_t *>dst, n)
     return y
 
 
