@@ -323,13 +323,18 @@ FCE_INLINE void classes_to_rows(const V *cls, int64_t C, T *out, int64_t os, int
     }
 }
 
-/* The commonest small-C call, loss only with class-index targets and no
- * smoothing: one vector lane per row, L rows at a time, no per-row state.
+/* The commonest small-C calls: class-index targets, no smoothing, z-loss, lse
+ * output or logit transform; the loss alone (grad 0) or with its gradient
+ * (grad 1, written through the same class vectors, transposed back): one vector
+ * lane per row, L rows at a time, no per-row state and no tile in memory. The
+ * gradient's formulas are cols_group's (fce_ctx.h) with b = 0 and no q, in the
+ * same order, so the results are those of rows_small_c bit for bit.
  * Needs |outer_stride| * L to fit in int32 (the gather offsets, where used). */
-static double rows_small_c_loss(const ctx *cx, int64_t r0, int64_t r1)
+FCE_INLINE double rows_small_c_index(const ctx *cx, int64_t r0, int64_t r1, const int grad)
 {
     const fce_job *job = cx->job;
     const int64_t C = cx->C, rs = job->outer_stride;
+    const int64_t gos = grad ? job->grad_outer_stride : 0;
     /* G rows at a time, as four vectors of L rows: four independent chains per
      * class (the sums of one vector alone would be one long dependency chain) */
     V xc[4][FCE_SMALL_C];
@@ -339,6 +344,7 @@ static double rows_small_c_loss(const ctx *cx, int64_t r0, int64_t r1)
         const int nv = (int)((J + L - 1) / L);
         V k[4], xy[4];
         VL ok[4];
+        VI yc[4];
         VD sd[4], va[4];
         for (int v = 0; v < nv; v++) {
             int64_t Jv = J - v * L < L ? J - v * L : L;
@@ -358,7 +364,9 @@ static double rows_small_c_loss(const ctx *cx, int64_t r0, int64_t r1)
             VL yl;
             memcpy(&yl, ys, sizeof yl);
             ok[v] = yl != job->ignore_index;
-            VI y = __builtin_convertvector(yl, VI);
+            /* -1 where ignored: no class is selected for the target's gradient */
+            VI y = __builtin_convertvector((VL)(yl & ok[v]) | ~ok[v], VI);
+            yc[v] = y;
             /* two chains of selects, even and odd classes: one of them is 0 in each lane */
             V xe = splat(0), xo = xe;
             for (c = 0; c + 1 < C; c += 2) {
@@ -379,31 +387,79 @@ static double rows_small_c_loss(const ctx *cx, int64_t r0, int64_t r1)
             k[v] = k[nv - 1];
             xy[v] = xy[nv - 1];
             va[v] = va[nv - 1];
+            yc[v] = yc[nv - 1];
             ok[v] = ok[nv - 1] & 0;
         }
         for (int v = 0; v < 4; v++) sd[v] = widen(splat(0));
-        /* the sums folded into double every 16 classes, as cols_group does */
+        /* the sums folded into double every 16 classes, as cols_group does; with a
+         * gradient the exps are kept in place of the logits for the write below */
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
             V s[4] = {splat(0), splat(0), splat(0), splat(0)};
             for (int64_t c = c0; c < C && c < c0 + 16; c++)
-                for (int v = 0; v < 4; v++) s[v] += vexp(xc[v][c] - k[v]);
+                for (int v = 0; v < 4; v++) {
+                    V e = vexp(xc[v][c] - k[v]);
+                    s[v] += e;
+                    if (grad) xc[v][c] = e;
+                }
             for (int v = 0; v < 4; v++) sd[v] += widen(s[v]);
         }
         double group = 0.0;
+        VD vlsd[4], gsd[4];
         for (int v = 0; v < nv; v++) {
             int64_t Jv = J - v * L < L ? J - v * L : L;
             VD vls = sd[v];
             log_lanes(&vls);
+            vlsd[v] = vls;
             VD loss = (VD)((VL)LOSS_TARGET(va[v], widen(k[v]), widen(xy[v]), vls) & ok[v]);
             double sum;
             HSUMD(loss, sum); /* a tree per vector, the vectors in order, as cols_group */
             group += sum;
             if (job->loss_out)
                 storen((T *)job->loss_out + r + v * L, __builtin_convertvector(loss, V), Jv);
+            if (!grad) continue;
+            if (cx->reduction != FCE_REDUCE_NONE)
+                SPLATD(gsd[v], cx->gscale);
+            else if (job->grad_output)
+                gsd[v] = widen(loadn((const T *)job->grad_output + r + v * L, Jv, 0));
+            else
+                SPLATD(gsd[v], 1.0);
+            gsd[v] *= cx->gfac;
         }
         total += group;
+        if (!grad) continue;
+        /* the gradient: c1 softmax_c, then the target's term (target_grad's cancellation
+         * rule), selected into its class; zero for ignored rows */
+        for (int v = 0; v < nv; v++) {
+            int64_t Jv = J - v * L < L ? J - v * L : L;
+            VI keepv = __builtin_convertvector(ok[v], VI);
+            V c1 = (V)((VI)__builtin_convertvector(GRAD_C1(gsd[v], va[v], 0.0, 0.0), V) & keepv);
+            V f = vexp(splat(0) - __builtin_convertvector(vlsd[v], V));
+            V mass = splat(0), py = splat(0);
+            for (int64_t c = 0; c < C; c++) {
+                V e = xc[v][c] * f;
+                mass += (V)((VI)e & ~(yc[v] == (TI)c));
+                py = vselect_eq(yc[v], (TI)c, e, py);
+                xc[v][c] = (V)((VI)(c1 * e) & keepv);
+            }
+            VD pyd = widen(py), others = widen(mass);
+            VL big = pyd > 0.5;
+            VD pym1 = (VD)(((VL)(widen(splat(0)) - others) & big) | ((VL)(pyd - 1.0) & ~big));
+            V gt = (V)((VI)__builtin_convertvector(gsd[v] * TGRAD_TARGET(va[v], pym1), V) & keepv);
+            for (int64_t c = 0; c < C; c++) xc[v][c] = vselect_eq(yc[v], (TI)c, gt, xc[v][c]);
+            classes_to_rows(xc[v], C, cx->g + (r + v * L) * gos, gos, Jv);
+        }
     }
     return total;
+}
+
+static double rows_small_c_loss(const ctx *cx, int64_t r0, int64_t r1)
+{
+    return rows_small_c_index(cx, r0, r1, 0);
+}
+
+static double rows_small_c_grad(const ctx *cx, int64_t r0, int64_t r1)
+{
+    return rows_small_c_index(cx, r0, r1, 1);
 }
 
 /* Rows r0..r1-1 of a rows-layout job with small C: transpose G rows at a time
@@ -448,6 +504,7 @@ static double rows_small_c(const ctx *cx, int64_t r0, int64_t r1)
 
 /* rows [it*per_item, ...) with small C */
 ITEM_OF_ROWS(item_rows_small_c_loss, rows_small_c_loss)
+ITEM_OF_ROWS(item_rows_small_c_grad, rows_small_c_grad)
 ITEM_OF_ROWS(item_rows_small_c, rows_small_c)
 
 /* columns layout: positions [j0, j1) of outer index n */

@@ -39,6 +39,7 @@ const paths ISA_NAME(fce_paths) = {
     .group = G,
 #if !FCE_XHALF
     .rows_small_c_loss = item_rows_small_c_loss,
+    .rows_small_c_grad = item_rows_small_c_grad,
     .rows_small_c = item_rows_small_c,
 #endif
     .rows_no_output = item_rows_no_output,

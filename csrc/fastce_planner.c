@@ -410,10 +410,10 @@ int NAME(fce_run)(fce_job *job)
         n_items = (N + cx.per_item - 1) / cx.per_item;
         if (C > FCE_SMALL_C)
             fn = cx.g ? pt->rows_with_output : pt->rows_no_output;
-        else if (!cx.want_out && cx.has_y && cx.qmode == Q_NONE && cx.z == 0.0 &&
+        else if (cx.op == FCE_OP_LOSS && cx.has_y && cx.qmode == Q_NONE && cx.z == 0.0 &&
                  !job->lse_out && !cx.xf.on &&
                  (rs < 0 ? -rs : rs) <= INT32_MAX / pt->lanes) /* gather offsets fit int32 */
-            fn = pt->rows_small_c_loss;
+            fn = cx.want_out ? pt->rows_small_c_grad : pt->rows_small_c_loss;
         else
             fn = pt->rows_small_c;
     } else if (rows) {

@@ -59,6 +59,7 @@ struct NAME(fce_paths) {
     int64_t lanes;                /* L: vector lanes of T */
     int64_t group;                /* positions per column tile (small C, K-dim) */
     item_fn rows_small_c_loss;    /* C <= FCE_SMALL_C, loss only, index targets, no smoothing */
+    item_fn rows_small_c_grad;    /* the same with the gradient */
     item_fn rows_small_c;         /* C <= FCE_SMALL_C, anything else */
     item_fn rows_no_output;       /* FCE_SMALL_C < C <= SEG, no output */
     item_fn rows_with_output;     /* FCE_SMALL_C < C <= SEG, gradient or log-softmax */
