@@ -33,6 +33,24 @@ static int check_targets(const ctx *cx, int64_t s0, int64_t s1, double *wsum,
         *wsum = (double)(s1 - s0);
         return 1;
     }
+    if (!cx->w) {
+        /* no weights: a count (exact), in a loop without branches or a chain of
+         * float adds; the loop below finds the first bad target if there is one */
+        const int64_t ii = job->ignore_index;
+        const uint64_t Ct = (uint64_t)cx->Ct;
+        int64_t kept = 0;
+        int bad = 0;
+        for (int64_t s = s0; s < s1; s++) {
+            const int64_t y = job->target[s];
+            const int keep = y != ii;
+            kept += keep;
+            bad |= keep & ((uint64_t)y >= Ct);
+        }
+        if (!bad) {
+            *wsum = (double)kept;
+            return 1;
+        }
+    }
     for (int64_t s = s0; s < s1; s++) {
         int64_t y = job->target[s];
         if (y == job->ignore_index) continue;
