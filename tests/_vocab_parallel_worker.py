@@ -4,7 +4,8 @@
 
 Joins a gloo group on 127.0.0.1:PORT, then for each case of CASES_JSON builds the full
 logits from the case's seed (the same on every rank), takes its own columns (the
-case's widths, in rank order), calls fastce.torch.vocab_parallel_cross_entropy and
+case's widths, in rank order; "half": rounded to torch.float16 / torch.bfloat16, the
+gradient saved as float32, exactly), calls fastce.torch.vocab_parallel_cross_entropy and
 backpropagates; writes OUT_DIR/case<i>_rank<r>.npz (loss, grad, extras) or, for a case
 that raises, OUT_DIR/case<i>_rank<r>.json (the exception's type and message).
 A case with "die": [ranks] makes those ranks exit before the call, "stall": [ranks]
@@ -40,6 +41,8 @@ def run_case(case, rank):
     widths = case["widths"]
     start = sum(widths[:rank])
     local = torch.tensor(x[:, start:start + widths[rank]])
+    if case.get("half"):  # float16 / bfloat16 shards of the float32 values, rounded
+        local = local.to(getattr(torch, case["half"]))
     if case.get("empty_shard") and rank == 1:
         local = local[:, :0]
     if case.get("rows_off_by_one") and rank == 1:
@@ -60,12 +63,13 @@ def run_case(case, rank):
     go = None
     if opts.get("reduction") == "none":
         go = torch.tensor(np.random.default_rng(case["seed"] + 1).standard_normal(t.size),
-                          dtype=local.dtype).reshape(t.shape)
+                          dtype=loss.dtype).reshape(t.shape)
         loss.backward(go)
     else:
         loss.backward()
     res = {"loss": loss.detach().numpy().reshape(-1) if loss.dim() else loss.detach().numpy(),
-           "grad": local.grad.numpy().reshape(-1, local.shape[-1])}
+           "grad": (local.grad.float() if case.get("half") else local.grad).numpy()
+           .reshape(-1, local.shape[-1])}
     if isinstance(out, tuple):
         for i, e in enumerate(out[1:]):
             res["extra%d" % i] = e.numpy()

@@ -265,12 +265,60 @@ def test_half_rows_read_as_stored(dtype):
 
 
 def test_half_refused_where_not_supported():
-    x = np.zeros((4, 8), np.float16)
     t = np.zeros(4, np.int64)
-    with pytest.raises(TypeError, match="float32 or float64"):
-        fastce.linear_cross_entropy(x, np.zeros((5, 8), np.float16), t)
     with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
         fastce.cross_entropy(np.zeros((4, 8), np.int16), t)
+    with pytest.raises(TypeError, match="same dtype, got float16 and bfloat16"):
+        fastce.linear_cross_entropy(np.zeros((4, 8), np.float16),
+                                    np.zeros((5, 8), ml_dtypes.bfloat16), t)
+
+
+LINEAR_OPTIONS = [dict(), dict(weight=True, label_smoothing=0.1, ignore=True),
+                  dict(reduction="none", z_loss=1e-3, softcap=8.0)]
+
+
+@pytest.mark.parametrize("opt", range(len(LINEAR_OPTIONS)))
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_half_linear_cross_entropy(isa, dtype, opt):
+    """The fused linear loss on half hidden / linear_weight / linear_bias: staged in
+    float32, so the float32 call's results on the upcast inputs, bit for bit: the loss,
+    z part and lse in float32, each gradient that float32 gradient rounded once; and
+    that gradient within one rounding of the float64 truth."""
+    from test_linear import truth as linear_truth
+    rng = np.random.default_rng(seed_of(dtype.name, opt))
+    N, H, V = 30, 16, 200
+    h = rng.standard_normal((N, H)).astype(dtype)
+    W = (rng.standard_normal((V, H)) / 2).astype(dtype)
+    b = rng.standard_normal(V).astype(dtype)
+    t = rng.integers(0, V, N)
+    o = dict(LINEAR_OPTIONS[opt])
+    if o.pop("ignore", False):
+        t[rng.random(N) < 0.3] = -100
+    if o.pop("weight", False):
+        o["weight"] = (rng.random(V) + 0.5).astype(np.float32)
+    if o.get("reduction") == "none":
+        o["grad_output"] = rng.standard_normal(N).astype(np.float32)
+    before = [a.copy() for a in (h, W, b)]
+    got = fastce.linear_cross_entropy_with_grad(h, W, t, linear_bias=b, chunk_size=7,
+                                                return_z_loss=True, return_lse=True, **o)
+    h32, W32, b32 = (a.astype(np.float32) for a in (h, W, b))
+    ref = fastce.linear_cross_entropy_with_grad(h32, W32, t, linear_bias=b32, chunk_size=7,
+                                                return_z_loss=True, return_lse=True, **o)
+    loss, gh, gW, gb, zpart, lse = got
+    for a, r in ((loss, ref[0]), (zpart, ref[4]), (lse, ref[5])):
+        assert np.asarray(a).dtype == np.float32 and np.array_equal(a, r, equal_nan=True)
+    for g, r in ((gh, ref[1]), (gW, ref[2]), (gb, ref[3])):
+        assert g.dtype == dtype and np.array_equal(g, r.astype(dtype), equal_nan=True)
+    # the float32 gradients are checked against float64 torch in tests/test_linear.py;
+    # here the half ones: within one rounding of the truth beyond the float32 error
+    tr = linear_truth(h32, W32, b32, t, {k: v for k, v in o.items()})
+    for g, r, true in ((gh, ref[1], tr[3]), (gW, ref[2], tr[4]), (gb, ref[3], tr[5])):
+        _assert_half_grad_close(g, true, dtype, None, r)
+    only = fastce.linear_cross_entropy(h, W, t, linear_bias=b, chunk_size=7,
+                                       **{k: v for k, v in o.items() if k != "grad_output"})
+    assert np.asarray(only).dtype == np.float32 and np.array_equal(only, loss)
+    for a, c in zip((h, W, b), before):
+        assert np.array_equal(a, c)  # the inputs are not modified
 
 
 # ------------------------------------------------------------------ fastce.torch
@@ -334,9 +382,22 @@ def test_torch_half_module_and_refusals():
     assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
     truth = torch.nn.functional.cross_entropy(x.detach().double(), t, label_smoothing=0.05)
     assert abs(loss.item() - truth.item()) <= 1e-5 * abs(truth.item())
-    # not yet in half precision: a clear TypeError, not a wrong result
-    with pytest.raises(TypeError, match="float32 or torch.float64, got torch.bfloat16"):
-        ft.linear_cross_entropy(x.detach(), torch.randn(9, 9, dtype=torch.bfloat16), t)
+    # the fused linear loss takes half tensors too: staged in float32 by torch, the
+    # float32 call's loss and its gradients rounded once
+    for tdt in (torch.float16, torch.bfloat16):
+        g = torch.Generator().manual_seed(12)
+        h0 = torch.randn(10, 8, generator=g).to(tdt)
+        W0 = torch.randn(40, 8, generator=g).to(tdt)
+        tt = torch.randint(0, 40, (10,), generator=g)
+        h, W = h0.clone().requires_grad_(), W0.clone().requires_grad_()
+        loss = ft.linear_cross_entropy(h, W, tt, chunk_size=3, label_smoothing=0.1)
+        loss.backward(torch.tensor(0.75))
+        h32, W32 = h0.float().requires_grad_(), W0.float().requires_grad_()
+        ref = ft.linear_cross_entropy(h32, W32, tt, chunk_size=3, label_smoothing=0.1)
+        ref.backward(torch.tensor(0.75))
+        assert loss.dtype == torch.float32 and torch.equal(loss, ref)
+        assert h.grad.dtype == tdt and W.grad.dtype == tdt
+        assert torch.equal(h.grad, h32.grad.to(tdt)) and torch.equal(W.grad, W32.grad.to(tdt))
 
 
 def test_float16_rounding_of_small_values_is_numpys():

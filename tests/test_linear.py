@@ -280,7 +280,8 @@ def test_linear_errors(isa):
         (lambda: fastce.linear_cross_entropy(h, W.astype(np.float64), t), TypeError,
          "hidden and linear_weight must have the same dtype, got float32 and float64"),
         (lambda: fastce.linear_cross_entropy(h.astype(np.int32), W, t), TypeError,
-         "hidden must have dtype float32 or float64, got int32"),
+         "hidden must have dtype float32, float64, float16 or bfloat16 (ml_dtypes), got "
+         "int32"),
         (lambda: fastce.linear_cross_entropy(h, W, t, memory_budget=19), ValueError,
          "memory_budget=19 bytes is too small for one token's logits (5 classes x 4 bytes "
          "= 20 bytes)"),
@@ -417,7 +418,9 @@ def test_torch_linear_errors():
         ft.linear_cross_entropy(h, W.double(), t)
     with pytest.raises(TypeError, match="linear_weight must be a torch.Tensor"):
         ft.linear_cross_entropy(h, W.numpy(), t)
-    with pytest.raises(TypeError, match="torch.float32 or torch.float64, got torch.float16"):
-        ft.linear_cross_entropy(h.half(), W.half(), t)
+    with pytest.raises(TypeError, match="torch.float16 or torch.bfloat16, got torch.int32"):
+        ft.linear_cross_entropy(h.int(), W.int(), t)
+    with pytest.raises(TypeError, match="same dtype"):
+        ft.linear_cross_entropy(h.half(), W.bfloat16(), t)
     with pytest.raises(ValueError, match="must match linear_weight's second"):
         ft.linear_cross_entropy(torch.zeros(2, 5), W, t)

@@ -366,7 +366,12 @@ def single_process(case):
     x, t, w = full_inputs(case)
     opts = dict(case.get("options", {}))
     opts.pop("num_classes", None)
-    xt = torch.tensor(x, requires_grad=True)
+    xt = torch.tensor(x)
+    if case.get("half"):
+        # the half logits, and their exact float32 values for the float64 truth
+        xt = xt.to(getattr(torch, case["half"]))
+        x = xt.float().numpy()
+    xt.requires_grad_(True)
     out = ft.cross_entropy(xt, torch.tensor(t), weight=None if w is None else torch.tensor(w),
                            **opts)
     loss = out[0] if isinstance(out, tuple) else out
@@ -377,7 +382,8 @@ def single_process(case):
     else:
         loss.backward()
     extras = [e.detach().numpy() for e in out[1:]] if isinstance(out, tuple) else []
-    return x, t, w, go, loss.detach().numpy(), xt.grad.numpy(), extras
+    grad = (xt.grad.float() if case.get("half") else xt.grad).numpy()
+    return x, t, w, go, loss.detach().numpy(), grad, extras
 
 
 CASES = [
@@ -390,7 +396,16 @@ CASES = [
     dict(seed=4, N=0, dtype="float32", options={}),
     dict(seed=12, N=40, dtype="float32", options=dict(reduction="none", label_smoothing=0.1),
          three_d=True),
+    # half-precision shards: a float32 loss, each shard's gradient rounded once
+    dict(seed=13, N=40, dtype="float32", half="bfloat16",
+         options=dict(z_loss=1e-3, return_lse=True), ignore=0.2),
+    dict(seed=14, N=40, dtype="float32", half="float16",
+         options=dict(reduction="none", label_smoothing=0.1, softcap=10.0), weight=True),
 ]
+# the unit roundoff of the half formats (one rounding of each gradient element), and
+# half their smallest subnormal (the most one rounding moves a value in gradual underflow)
+U_HALF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+TINY_HALF = {"float16": 2.0 ** -25, "bfloat16": 2.0 ** -134}
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -427,10 +442,21 @@ def test_vocab_parallel_over_gloo(isa, world, tmp_path):
             np.testing.assert_allclose(ranks[0]["extra%d" % k], e, rtol=8 * np.finfo(x.dtype).eps)
         scale = grad_scale(x, t, w, o.get("reduction", "mean"), -100, go) * \
             o.get("logit_scale", 1.0) * (1 + 2 * c["options"].get("z_loss", 0.0) * 30)
-        assert np.abs(g.astype(np.float64) - grad).max() <= 4 * np.finfo(x.dtype).eps * scale
-        # and as torch in float64, to the tolerance of tests/test_transform.py
         L = logit_bound(transformed(x, o.get("logit_scale", 1.0), o.get("softcap")),
                         x.shape[1]) + (o.get("softcap") or 0.0)
+        if c.get("half"):
+            assert ranks[0]["loss"].dtype == np.float32  # not rounded to the shards' dtype
+            # both float32 gradients rounded once: they may fall either side of a
+            # rounding boundary, so up to one half ulp each (in gradual underflow,
+            # TINY_HALF each) beyond float32's few ulps
+            u = U_HALF[c["half"]]
+            assert np.all(np.abs(g.astype(np.float64) - grad) <= 2 * u * np.abs(grad) +
+                          2 * TINY_HALF[c["half"]] + 4 * np.finfo(np.float32).eps * scale)
+            assert_grad_close(g, truth[3], rtol_for(x.dtype, x.shape[1], L) + u, scale)
+            assert [r["grad"].shape[1] for r in ranks] == [b - a for a, b in shard_bounds(widths)]
+            continue
+        assert np.abs(g.astype(np.float64) - grad).max() <= 4 * np.finfo(x.dtype).eps * scale
+        # and as torch in float64, to the tolerance of tests/test_transform.py
         assert_grad_close(g, truth[3], rtol_for(x.dtype, x.shape[1], L), scale)
         assert [r["grad"].shape[1] for r in ranks] == [b - a for a, b in bounds]
     msgs = {i: [result(tmp_path, i, r) for r in range(world)] for i in range(len(CASES), len(cases) - 1)}

@@ -55,6 +55,11 @@ cdef bint _is_half(dt):
         dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16")
 
 
+def half_dtype(dt):
+    """_is_half for Python callers (fastce.linear): whether dt is float16 or bfloat16."""
+    return bool(_is_half(np.dtype(dt)))
+
+
 cdef object _as_logits(logits):
     """logits as an ndarray of float32/float64 in native byte order, or of a half
     dtype (float16, bfloat16: see _compute_logits), at least 1-D."""

@@ -130,3 +130,26 @@ def _outputs(ctx, loss, extras, dtype, return_z_loss, return_lse):
     zpart = extras.pop(0) if return_z_loss else None
     lse = extras.pop(0) if return_lse else None
     return _loss_to_tensor(loss, dtype), zpart, lse
+
+
+def _float32_copy(t):
+    """A C-contiguous float32 copy of t, in a NumPy-allocated buffer (huge pages:
+    torch.empty's first-touch page faults cost more than the conversion, _empty_grad)."""
+    return _empty_grad(t.shape, torch.float32).copy_(t.detach())
+
+
+def _np(t):
+    """A tensor as NumPy reads it, shared, no copy: half precision as NumPy's float16 or
+    ml_dtypes' bfloat16 (the half kernels read it as stored), or as a float32 copy for
+    bfloat16 without ml_dtypes (exact; torch's conversion)."""
+    if t is None:
+        return None
+    if t.dtype in _HALF_DTYPES:
+        x = _half_view(t)
+        return x if x is not None else _to_numpy(_float32_copy(t))
+    return _to_numpy(t)
+
+
+def _result_dtype(dtype):
+    """The dtype of the loss, z part and lse: float32 for half-precision input."""
+    return torch.float32 if dtype in _HALF_DTYPES else dtype

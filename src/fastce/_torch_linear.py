@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from . import linear as _linear
-from ._torch_common import _check_cpu, _loss_to_tensor, _outputs, _to_numpy
+from ._torch_common import (_HALF_DTYPES, _check_cpu, _loss_to_tensor, _outputs,
+                            _result_dtype, _to_numpy)
 
 _N_INPUTS = 15  # the arguments of _LinearCrossEntropyFunction.forward after ctx
 
@@ -45,9 +46,10 @@ def _validate(input, linear_weight, target, linear_bias, weight):
         _check_cpu(name, t)
     for name, t in (("input", input), ("linear_weight", linear_weight),
                     ("linear_bias", linear_bias)):
-        if t is not None and t.dtype not in (torch.float32, torch.float64):
+        if t is not None and t.dtype not in (torch.float32, torch.float64) + _HALF_DTYPES:
             raise TypeError("fastce.torch.linear_cross_entropy expects %s of dtype "
-                            "torch.float32 or torch.float64, got %s" % (name, t.dtype))
+                            "torch.float32, torch.float64, torch.float16 or torch.bfloat16, "
+                            "got %s" % (name, t.dtype))
     if input.dtype != linear_weight.dtype or (linear_bias is not None and
                                               linear_bias.dtype != input.dtype):
         raise TypeError("input, linear_weight and linear_bias must have the same dtype, got "
@@ -60,9 +62,16 @@ def _validate(input, linear_weight, target, linear_bias, weight):
             "or target; pass them detached")
 
 
+def _staged(t):
+    """A tensor as the chunked pass reads it: half precision converted to float32 by
+    torch (the pass runs in float32; its gradients are rounded back by _tensor)."""
+    if t is None:
+        return None
+    return _to_numpy(t.detach().float() if t.dtype in _HALF_DTYPES else t)
+
+
 def _numpy_args(input, linear_weight, target, linear_bias, weight):
-    return (_to_numpy(input), _to_numpy(linear_weight), _to_numpy(target),
-            None if linear_bias is None else _to_numpy(linear_bias),
+    return (_staged(input), _staged(linear_weight), _to_numpy(target), _staged(linear_bias),
             None if weight is None else _to_numpy(weight))
 
 
@@ -84,6 +93,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                            logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size,
                            memory_budget=memory_budget)
         need = ctx.needs_input_grad
+        ctx.input_dtype = input.dtype
         ctx.need = (bool(need[0]), bool(need[1]), bool(need[2]))
         ctx.save_for_backward(input, linear_weight, linear_bias, target)
         want_grad = reduction != "none"
@@ -97,7 +107,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             k = 3 if b is not None else 2
             ctx.grads = [_tensor(g) for g in rest[:k]] + ([None] if b is None else [])
             rest = rest[k:]
-        return _outputs(ctx, loss, rest, input.dtype, return_z_loss, return_lse)
+        return _outputs(ctx, loss, rest, _result_dtype(input.dtype), return_z_loss, return_lse)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_zpart=None, _grad_lse=None):
@@ -106,6 +116,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 "fastce.torch.linear_cross_entropy does not support double backward "
                 "(create_graph=True): its gradients are computed without a graph")
         none = ctx.options["reduction"] == "none"
+        input_dtype = ctx.input_dtype
         grads = ctx.grads
         ctx.grads = None  # handed over; a second backward recomputes them
         if grads is None:
@@ -125,7 +136,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             s = grad_output.item()
             if s != 1.0:
                 grads = [None if g is None else g * s for g in grads]
-        gh, gW, gb = grads
+        # half precision: the float32 gradients rounded once to the inputs' dtype
+        gh, gW, gb = [None if g is None else g.to(input_dtype) for g in grads]
         return (gh if ctx.need[0] else None, gW if ctx.need[1] else None,
                 gb if ctx.need[2] else None) + (None,) * (_N_INPUTS - 3)
 
@@ -144,8 +156,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     ``ignore_index`` (None is -100), ``label_smoothing``), plus fastce's ``z_loss``,
     ``return_z_loss``, ``return_lse``, ``logit_scale``, ``softcap`` (as in
     :func:`fastce.torch.cross_entropy`) and ``chunk_size`` / ``memory_budget`` (as in
-    :func:`fastce.linear_cross_entropy`). float32/float64. The gradients are computed in
-    the forward pass, chunk by chunk; nothing of size N x V is allocated or saved.
+    :func:`fastce.linear_cross_entropy`). float32, float64, float16 or bfloat16; half
+    precision is staged in float32 (torch converts input, linear_weight and linear_bias
+    once; the GEMMs run in float32), the loss is float32 and the gradients are rounded
+    once to the input's dtype. The gradients are computed in the forward pass, chunk by
+    chunk; nothing of size N x V is allocated or saved.
 
     Example
     -------
@@ -179,9 +194,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     res = _linear._run(h, W, t, b, w, ignore_index, reduction, label_smoothing, z_loss,
                        return_z_loss, return_lse, logit_scale, softcap, chunk_size,
                        memory_budget, None, None, False, gemm=_TorchGemm)
+    dtype = _result_dtype(input.dtype)
     if not extras:
-        return _loss_to_tensor(res, input.dtype)
-    return tuple(_loss_to_tensor(r, input.dtype) for r in res)
+        return _loss_to_tensor(res, dtype)
+    return tuple(_loss_to_tensor(r, dtype) for r in res)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):

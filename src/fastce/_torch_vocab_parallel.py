@@ -20,7 +20,8 @@ import torch.distributed as dist
 import fastce as _fastce
 from fastce._core import _rescale_states
 
-from ._torch_common import _empty_grad, _loss_to_tensor, _to_numpy, _validate
+from ._torch_common import (_HALF_DTYPES, _empty_grad, _loss_to_tensor, _np, _result_dtype,
+                            _to_numpy, _validate)
 
 _N_INPUTS = 13  # the arguments of _VocabParallelFunction.forward after ctx
 
@@ -116,7 +117,7 @@ def _combined_state(x, t, w, group, start, total, options):
 
 def _forward(input, target, weight, group, num_classes, options, return_z_loss, return_lse):
     """(loss, extras, state, class_start, num_classes, 2-D logits, flat targets, weight)"""
-    x = _to_numpy(input)
+    x = _np(input)
     x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
     t = _to_numpy(target).reshape(-1)
     w = None if weight is None else _to_numpy(weight)
@@ -139,7 +140,7 @@ def _sample_shape(input):
 
 
 def _as_output(value, input, per_sample):
-    out = _loss_to_tensor(value, input.dtype)
+    out = _loss_to_tensor(value, _result_dtype(input.dtype))
     return out.reshape(_sample_shape(input)) if per_sample else out
 
 
@@ -179,15 +180,20 @@ class _VocabParallelFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * _N_INPUTS
         input, target, weight = ctx.saved_tensors
-        x = _to_numpy(input)
+        x = _np(input)
         x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
-        grad = _empty_grad(x2.shape, input.dtype)
+        # the gradient in input's dtype; a float32 one, rounded after, where bfloat16 is
+        # read through a float32 copy (no ml_dtypes)
+        copied = input.dtype in _HALF_DTYPES and x2.dtype == np.float32
+        grad = _empty_grad(x2.shape, torch.float32 if copied else input.dtype)
         go = _to_numpy(grad_output.contiguous()).reshape(-1) \
             if ctx.options["reduction"] == "none" else float(grad_output.item())
         _fastce.shard_cross_entropy_with_grad(
             x2, _to_numpy(target).reshape(-1), ctx.state, class_start=ctx.start,
             num_classes=ctx.total, weight=None if weight is None else _to_numpy(weight),
-            grad_output=go, out=grad.numpy(), **_loss_options(ctx.options))
+            grad_output=go, out=_np(grad), **_loss_options(ctx.options))
+        if copied:
+            grad = grad.to(input.dtype)
         return (grad.reshape(input.shape),) + (None,) * (_N_INPUTS - 1)
 
 
@@ -204,7 +210,9 @@ def vocab_parallel_cross_entropy(local_logits, target, group=None, *, weight=Non
     ``[0, V)`` (or ``ignore_index``). Returns the loss of the whole rows, the same on
     every rank and equal to ``fastce.torch.cross_entropy`` of the gathered logits to
     rounding; its backward gives each rank the gradient of its own shard (no
-    communication). CPU tensors, float32/float64, class-index targets; any backend
+    communication). CPU tensors, float32/float64/float16/bfloat16 (half precision computed
+    in float32: a float32 loss, the gradient rounded once to the shard's dtype),
+    class-index targets; any backend
     with all_reduce and all_gather (gloo on CPUs). Forward costs one all-gather of 3
     integers per rank, an all-reduce MAX of N doubles and an all-reduce SUM of 8 N.
 
@@ -230,7 +238,8 @@ def vocab_parallel_cross_entropy(local_logits, target, group=None, *, weight=Non
         raise RuntimeError(
             "fastce.torch.vocab_parallel_cross_entropy needs torch.distributed initialized: "
             "call torch.distributed.init_process_group (e.g. backend='gloo') first")
-    _validate(local_logits, target, weight, "fastce.torch.vocab_parallel_cross_entropy")
+    _validate(local_logits, target, weight, "fastce.torch.vocab_parallel_cross_entropy",
+              half=True)
     if target.is_floating_point():
         raise TypeError("vocab_parallel_cross_entropy takes class-index targets; probability "
                         "targets are not supported")

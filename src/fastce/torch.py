@@ -66,8 +66,10 @@ Policies
   gives that rounding, with its gradient, if wanted); the gradient has
   ``input``'s dtype, rounded once from float32.  Compared with torch's own
   half-precision CPU cross_entropy the loss and the gradient are more exact
-  (tests/test_half.py).  The vocabulary-parallel and fused linear losses take
-  float32/float64 only, for now.  Class-index targets
+  (tests/test_half.py).  The vocabulary-parallel loss takes half shards the same
+  way; the fused linear loss stages half input / weight / bias in float32 (torch
+  converts them; float32 GEMMs), returns a float32 loss and rounds each gradient once
+  to the input's dtype.  Class-index targets
   may have any integer dtype (PyTorch itself wants ``int64`` or ``uint8``).
 * Gradients: only with respect to ``input``.  A ``weight`` that requires grad
   raises (as PyTorch does) and so does a probability ``target`` that requires
@@ -89,31 +91,9 @@ __all__ = ["cross_entropy", "CrossEntropyLoss", "vocab_parallel_cross_entropy",
            "linear_cross_entropy", "LinearCrossEntropyLoss"]
 
 from ._torch_common import (_FLOAT_DTYPES, _HALF_DTYPES, _check_cpu,  # noqa: F401
-                            _empty_grad, _half_view, _is_functorch_wrapped, _loss_to_tensor,
-                            _outputs, _to_numpy, _validate)
-
-
-def _float32_copy(t):
-    """A C-contiguous float32 copy of t, in a NumPy-allocated buffer (huge pages:
-    torch.empty's first-touch page faults cost more than the conversion, _empty_grad)."""
-    return _empty_grad(t.shape, torch.float32).copy_(t.detach())
-
-
-def _np(t):
-    """A tensor as NumPy reads it, shared, no copy: half precision as NumPy's float16 or
-    ml_dtypes' bfloat16 (the half kernels read it as stored), or as a float32 copy for
-    bfloat16 without ml_dtypes (exact; torch's conversion)."""
-    if t is None:
-        return None
-    if t.dtype in _HALF_DTYPES:
-        x = _half_view(t)
-        return x if x is not None else _to_numpy(_float32_copy(t))
-    return _to_numpy(t)
-
-
-def _result_dtype(dtype):
-    """The dtype of the loss, z part and lse: float32 for half-precision input."""
-    return torch.float32 if dtype in _HALF_DTYPES else dtype
+                            _empty_grad, _float32_copy, _half_view, _is_functorch_wrapped,
+                            _loss_to_tensor, _np, _outputs, _result_dtype, _to_numpy,
+                            _validate)
 
 
 def _loss_and_grad(input, target, weight, inplace, **options):
