@@ -114,7 +114,7 @@ def main() -> None:
                 case = None
                 jax.clear_caches()
                 t0 = time.perf_counter()
-                c = bench.make_case(tuple(shape), np.dtype(dtype), seed)
+                c = bench.make_case(tuple(shape), bench.dtype_of(dtype), seed)
                 fp = bench.fingerprint(c)
                 x, t = jnp.asarray(c.logits), jnp.asarray(c.target)  # once, outside timing
                 jax.block_until_ready((x, t))

@@ -4,7 +4,11 @@
 What is measured
 ----------------
 Softmax cross-entropy with class-index targets and ``reduction="mean"`` on random logits
-(normal, std 2, fixed seed) of shape (N, C), float32 and float64:
+(normal, std 2, fixed seed) of shape (N, C), float32 and float64, and with ``--dtype``
+float16 and bfloat16 (``ml_dtypes``; drawn in float32, then rounded): there every
+contender takes the half logits as they are (torch and torch.compile in that dtype, jax
+too; fastce returns a float32 loss, the others one in the input's dtype, so the agreement
+check allows half precision's rounding; scipy has no half version and is skipped):
 
 * **fwd**      - the loss only.
 * **fwd+bwd**  - the loss and d loss / d logits.
@@ -262,6 +266,24 @@ class Case:
 
 
 GEN_CHUNKS = 16  # logits are drawn in this many independent streams, in parallel
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+HALF = ("float16", "bfloat16")
+
+
+def dtype_of(name: str) -> np.dtype:
+    """The NumPy dtype of a --dtype name: bfloat16 is ml_dtypes' (an optional dependency)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise argparse.ArgumentTypeError(
+                "--dtype bfloat16 needs ml_dtypes (pip install ml_dtypes)") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def is_half(dtype: np.dtype) -> bool:
+    return np.dtype(dtype).name in HALF
 
 
 def make_case(shape: Tuple[int, ...], dtype: np.dtype, seed: int) -> Case:
@@ -276,17 +298,21 @@ def make_case(shape: Tuple[int, ...], dtype: np.dtype, seed: int) -> Case:
 
     ss = np.random.SeedSequence([seed, np.dtype(dtype).itemsize, *shape])
     streams = [np.random.default_rng(s) for s in ss.spawn(GEN_CHUNKS + 1)]
-    logits = np.empty(shape, dtype=dtype)
-    flat = logits.reshape(-1)
+    # half precision: drawn in float32, then rounded (NumPy draws float32/float64 only)
+    gen_dtype = np.float32 if is_half(dtype) else dtype
+    drawn = np.empty(shape, dtype=gen_dtype)
+    flat = drawn.reshape(-1)
     bounds = np.linspace(0, flat.size, GEN_CHUNKS + 1).astype(np.int64)
 
     def fill(i: int) -> None:
         part = flat[bounds[i]:bounds[i + 1]]
-        streams[i].standard_normal(out=part, dtype=dtype)
+        streams[i].standard_normal(out=part, dtype=gen_dtype)
         part *= 2
 
     with ThreadPoolExecutor(max_workers=_util.usable_cores()) as pool:
         list(pool.map(fill, range(GEN_CHUNKS)))
+    logits = drawn.astype(dtype) if is_half(dtype) else drawn
+    del drawn
     tshape = (shape[0],) + tuple(shape[2:])
     target = streams[-1].integers(0, shape[1], size=tshape, dtype=np.int64)
     return Case(tuple(shape), np.dtype(dtype), logits, target, seed)
@@ -358,13 +384,21 @@ def _fastce_fwd_softcap_z(m: Any, case: Case, nt: int) -> Fn:
     return run
 
 
+def _tensor(m: Any, a: np.ndarray) -> Any:
+    """A NumPy array as a tensor sharing its memory (bfloat16, which torch.from_numpy does
+    not know, through its int16 bits)."""
+    if a.dtype.name == "bfloat16":
+        return m.torch.from_numpy(a.view(np.int16)).view(m.torch.bfloat16)
+    return m.torch.from_numpy(a)
+
+
 def _torch_fwd(m: Any, case: Case, nt: int) -> Fn:
-    x, t, ce = m.torch.from_numpy(case.logits), m.torch.from_numpy(case.target), m.F.cross_entropy
+    x, t, ce = _tensor(m, case.logits), m.torch.from_numpy(case.target), m.F.cross_entropy
     return lambda: ce(x, t)
 
 
 def _torch_fwdbwd(m: Any, case: Case, nt: int) -> Fn:
-    x = m.torch.from_numpy(case.logits).requires_grad_(True)  # leaf sharing the NumPy memory
+    x = _tensor(m, case.logits).requires_grad_(True)  # leaf sharing the NumPy memory
     t, ce = m.torch.from_numpy(case.target), m.F.cross_entropy
 
     def run() -> Any:
@@ -461,13 +495,13 @@ def _dynamo_graphs(m: Any) -> Callable[[], int]:
 
 
 def _tcompile_fwd(m: Any, case: Case, nt: int) -> Runner:
-    x, t = m.torch.from_numpy(case.logits), m.torch.from_numpy(case.target)
+    x, t = _tensor(m, case.logits), m.torch.from_numpy(case.target)
     cf = m.torch.compile(m.F.cross_entropy, dynamic=False, fullgraph=True)
     return LocalRunner(lambda: cf(x, t), compiled=True, compiles=_dynamo_graphs(m))
 
 
 def _tcompile_fwdbwd(m: Any, case: Case, nt: int) -> Runner:
-    x, t = m.torch.from_numpy(case.logits), m.torch.from_numpy(case.target)
+    x, t = _tensor(m, case.logits), m.torch.from_numpy(case.target)
     F, grad_and_value = m.F, m.torch.func.grad_and_value
 
     def loss_and_grad(a: Any, b: Any) -> Tuple[Any, Any]:
@@ -696,6 +730,7 @@ class Contender:
     threaded: bool = True  # False: single-threaded, runs in the T=1 group only
     slow: bool = False  # skipped above --slow-max-mib (in --quick by default)
     compiled: bool = False  # a compiled peer (PEERS): compile time reported, not timed
+    half: bool = True  # runs on float16/bfloat16 logits too
 
 
 CONTENDERS: List[Contender] = [
@@ -706,7 +741,8 @@ CONTENDERS: List[Contender] = [
     Contender("torch.compile", FWD, "torch_compile", _tcompile_fwd, compiled=True),
     Contender("jax.jit", FWD, "jax_pool", _jax_fwd, compiled=True),
     Contender("numpy-ref", FWD, "reference", _ref_fwd, threaded=False, slow=True),
-    Contender("scipy", FWD, "scipy_special", _scipy_fwd, threaded=False, slow=True),
+    Contender("scipy", FWD, "scipy_special", _scipy_fwd, threaded=False, slow=True,
+              half=False),
     Contender("fastce", FWDBWD, "fastce", _fastce_fwdbwd),
     Contender("fastce out=", FWDBWD, "fastce", _fastce_fwdbwd_out),
     Contender("fastce in-place", FWDBWD, "fastce", _fastce_fwdbwd_inplace),
@@ -729,8 +765,9 @@ BASELINE = "torch"
 
 
 def _to_numpy(v: Any) -> np.ndarray:
-    if hasattr(v, "detach"):  # torch tensor
-        v = v.detach().numpy()
+    if hasattr(v, "detach"):  # torch tensor (bfloat16 has no NumPy dtype: as float32, exactly)
+        v = v.detach()
+        v = (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()
     return np.asarray(v)
 
 
@@ -746,13 +783,23 @@ def digest(result: Any, n: int = 4096) -> Tuple[float, Optional[np.ndarray]]:
     return loss, np.asarray(g.flat[idx], dtype=np.float64)  # .flat: no copy of the whole array
 
 
+# the agreement check's (loss rtol, gradient atol / its largest value): float32 and float64
+# results differ in their last digits only; half-precision peers (torch in bfloat16 or
+# float16) round their loss and accumulate in the input's precision: torch's bfloat16 loss
+# at (4096, 32000) is 14.9375 where the truth is 14.851 (0.6 %), about 1.5 of bfloat16's
+# ulps (2**-8 relative), and its gradient elements to a few ulps of the largest; float16
+# gradients of wide rows (1/32000) are subnormal, where an ulp is 2**-24 absolute
+AGREE = {"float32": (1e-4, 1e-5, 0.0), "float64": (1e-10, 1e-12, 0.0),
+         "float16": (4 * 2.0 ** -11, 4e-3, 2.0 ** -23), "bfloat16": (4 * 2.0 ** -8, 3e-2, 0.0)}
+
+
 def disagreement(a: Tuple[float, Any], b: Tuple[float, Any], dtype: np.dtype) -> Optional[str]:
-    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    rtol, grad_atol, grad_floor = AGREE[np.dtype(dtype).name]
     if not np.isfinite(a[0]) or not np.isclose(a[0], b[0], rtol=rtol, atol=0):
         return f"loss {a[0]!r} vs {b[0]!r}"
     if a[1] is not None and b[1] is not None:
         scale = float(np.max(np.abs(b[1]))) or 1.0
-        atol = scale * (1e-5 if dtype == np.float32 else 1e-12)
+        atol = scale * grad_atol + grad_floor
         if not np.allclose(a[1], b[1], rtol=100 * rtol, atol=atol):
             return f"gradient sample differs (max abs diff {np.max(np.abs(a[1] - b[1])):.3g})"
     return None
@@ -771,12 +818,17 @@ class Plan:
     slow_max_bytes: Optional[int]
     notes: List[str] = field(default_factory=list)  # failures met while running
 
-    def members(self, case_bytes: int, nt: int) -> Tuple[List[Contender], List[str]]:
+    def members(self, case_bytes: int, nt: int,
+                half: bool = False) -> Tuple[List[Contender], List[str]]:
         """Contenders that run in the (case, nt) group, and the reasons for those that don't."""
         run, why = [], []
         for c in self.contenders:
             if not c.threaded and nt != 1:
                 continue  # single-threaded: only in the T=1 group (noted once in main)
+            if half and not c.half:
+                if nt == 1:
+                    why.append(f"{c.name} {c.pass_}: skipped (no half-precision version)")
+                continue
             if c.slow and self.slow_max_bytes is not None and case_bytes > self.slow_max_bytes:
                 why.append(f"{c.name} {c.pass_}: skipped (logits > --slow-max-mib "
                            f"{self.slow_max_bytes / 2**20:g} MiB)")
@@ -1054,7 +1106,7 @@ def plot(rows: List[Dict[str, Any]], bandwidth: Dict[int, Dict[str, Any]], path:
                     bw = bandwidth[nt]["gbps"]
                     ax.axhline(bw, color="black", linestyle=style, linewidth=1,
                                label=f"read limit {nt}T ({bw:.0f} GB/s)")
-            labels = [f"{shape_str(s)}\n{_fmt_bytes(np.prod(s) * np.dtype(dt).itemsize)}"
+            labels = [f"{shape_str(s)}\n{_fmt_bytes(np.prod(s) * dtype_of(dt).itemsize)}"
                       for s in shapes]
             ax.set_xticks(range(len(shapes)))
             ax.set_xticklabels(labels, fontsize=8)
@@ -1134,9 +1186,10 @@ def _dtype_list(s: str) -> List[np.dtype]:
     out = []
     for v in s.split(","):
         v = v.strip()
-        if v not in ("float32", "float64"):
-            raise argparse.ArgumentTypeError(f"dtype must be float32 or float64, got {v!r}")
-        out.append(np.dtype(v))
+        if v not in DTYPES:
+            raise argparse.ArgumentTypeError(f"dtype must be one of {', '.join(DTYPES)}, "
+                                             f"got {v!r}")
+        out.append(dtype_of(v))
     return list(dict.fromkeys(out))
 
 
@@ -1187,7 +1240,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="thread counts to run at (default: 1 and all usable cores, here "
                         f"1,{_util.usable_cores()})")
     p.add_argument("--dtype", type=_dtype_list, metavar="float32,float64",
-                   help="logits dtypes (default: float32,float64; --quick: float32)")
+                   help="logits dtypes: float32, float64, float16, bfloat16 (ml_dtypes) "
+                        "(default: float32,float64; --quick: float32)")
     p.add_argument("--shapes", type=_shape_list, metavar="NxC,...",
                    help="logits shapes, e.g. 4096x32000,2x3 (default: see below)")
     p.add_argument("--contenders", type=_contender_list, metavar="NAME,...",
@@ -1300,7 +1354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for shape in args.shapes:
             nb = int(np.prod(shape)) * dt.itemsize
             for nt in args.threads:
-                mem = plan.members(nb, nt)[0]
+                mem = plan.members(nb, nt, is_half(dt))[0]
                 total += plan.group_weight(nb, len(mem), sum(c.compiled for c in mem))
     progress = _util.Progress(total, enabled=not args.no_progress)
 
@@ -1334,7 +1388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 progress.update(0, f"{dt.name} {shape_str(shape)}", "generating data")
                 case = make_case(shape, dt, args.seed)
                 for nt in args.threads:
-                    members, why = plan.members(case.nbytes, nt)
+                    members, why = plan.members(case.nbytes, nt, is_half(dt))
                     notes.extend(f"{case.label}: {w}" for w in why)
                     if members:
                         rows.extend(run_group(m, plan, case, nt, members, progress, args.pause))

@@ -56,6 +56,30 @@ def test_bench_runs_and_every_contender_agrees(isa, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isfile(BENCH), reason="source tree not available")
+def test_bench_half_precision_rows(isa, tmp_path):
+    """--dtype float16,bfloat16: every eager contender with a half-precision version runs
+    on half logits (torch in the same dtype) and agrees within the half tolerances; scipy,
+    which has none, is skipped with a note."""
+    if isa != fastce.available_isas()[-1]:
+        pytest.skip("runs the default (best) variant in a subprocess; once is enough")
+    pytest.importorskip("torch")
+    pytest.importorskip("ml_dtypes")
+    out_json = tmp_path / "h.json"
+    r = subprocess.run(
+        [sys.executable, BENCH, "--shapes", "4x3,64x300", "--threads", "1", "--repeat", "2",
+         "--min-time", "0.001", "--bw-mib", "8", "--dtype", "float16,bfloat16",
+         "--contenders", ",".join(EAGER), "--json", str(out_json), "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(out_json.read_text())
+    results = out["results"]
+    assert {row["dtype"] for row in results} == {"float16", "bfloat16"}
+    assert {row["contender"] for row in results} == set(EAGER) - {"scipy"}
+    assert {row["check"] for row in results} == {"ok"}
+    assert any("scipy fwd: skipped (no half-precision version)" in n for n in out["notes"])
+
+
+@pytest.mark.skipif(not os.path.isfile(BENCH), reason="source tree not available")
 def test_bench_compiled_peers(isa, tmp_path):
     """torch.compile and jax.jit (each when installed) at T=1 and T=2, both dtypes, a 2-D and a
     3-D shape: they agree with fastce, their compile time is reported apart from the medians,
