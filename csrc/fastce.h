@@ -44,6 +44,16 @@ typedef enum {
     FCE_OP_STATE = 3        /* the log-sum-exp state of a class shard -> state_out */
 } fce_op;
 
+/* Layout limits the caller plans with (the binding: _core.pyx reads them from here).
+ * Rows of at most FCE_SMALL_C classes take the small-C paths (vectorised across rows);
+ * the half-precision kernels (FCE_HALF) take only rows of more classes, in the rows
+ * layout, unsharded. K-dim inputs of more than FCE_COLS_MAX_C classes are not read in
+ * place (the columns layout keeps a C x 4-vector tile in cache): the caller transposes. */
+enum {
+    FCE_SMALL_C = 32,
+    FCE_COLS_MAX_C = 1024
+};
+
 /* Vocabulary shards. A job may cover classes [class_offset, class_offset + n_classes)
  * of rows of n_classes_total classes (rows layout, class-index targets): FCE_OP_STATE
  * writes each sample's state over its shard; fce_state_combine merges the shards'

@@ -16,10 +16,8 @@
  * that every reduction sums the same partials in the same order. */
 #define FCE_ITEM_ELEMS 32768      /* logits per work item (rows path) */
 #define FCE_SEG_BYTES (512 * 1024) /* longer rows are split into segments */
-#define FCE_SMALL_C 32            /* C <= this: transpose tiles, vectorise across rows */
 #define FCE_STREAM_BYTES (8 << 20) /* outputs this large bypass the caches, */
 #define FCE_STREAM_ROW_BYTES (16 << 10) /* when their rows are at least this long */
-#define FCE_COLS_MAX_C 1024       /* the columns layout keeps a C x 4-vector tile in cache */
 
 /* One kernel variant per (dtype, instruction set): its paths (fce_ctx.h), as a
  * table the planner calls through. */

@@ -104,9 +104,14 @@ cdef enum:
     FCE_OP_LOG_SOFTMAX = 2
     FCE_OP_STATE = 3
 
+cdef extern from "fastce.h":
+    enum:
+        FCE_SMALL_C
+        FCE_COLS_MAX_C
+
 _INT64_MAX = 2 ** 63 - 1
-_COLS_MAX_C = 1024  # FCE_COLS_MAX_C in csrc/fastce_internal.h
-_SMALL_C = 32  # FCE_SMALL_C there: the half kernels take rows of more classes
+_COLS_MAX_C = FCE_COLS_MAX_C  # layout limits of csrc/fastce.h
+_SMALL_C = FCE_SMALL_C  # the half kernels take rows of more classes
 
 include "_args.pxi"
 
