@@ -15,8 +15,13 @@ concerns Eigen-backed ops such as dots). So before JAX is imported this worker
 1. restricts its own affinity to T of the usable cores (``os.sched_setaffinity``),
 2. imports jax (with XLA_FLAGS from the environment bench.py gave it; for T=1 it also holds
    ``--xla_cpu_multi_thread_eigen=false``) and starts the CPU backend (``jax.devices()``),
-3. gives every thread of the process (``/proc/self/task``) the full affinity back: the pool
-   keeps its T threads, but they may run on any core, like torch's and fastce's threads.
+3. for T > 1, gives every thread of the process (``/proc/self/task``) the full affinity
+   back: the pool keeps its T threads, but they may run on any core, like torch's and
+   fastce's threads. For T = 1 the process stays on its one core: JAX dispatches
+   asynchronously, so besides its one pool thread the Python thread that enqueues the next
+   call runs at the same time, and on tiny shapes (dispatch-bound) that made "T=1" use
+   1.3-1.4 CPUs per wall second (measured on Zen 3 at 512x40); one core is what the
+   single-threaded torch and fastce rows get.
 
 Every timing sample also measures the process's CPU time (``time.process_time``, all threads)
 and reports CPU time / wall time; bench.py checks it is not above T (+ slack), which it would be
@@ -50,6 +55,8 @@ def _set_affinity_then_import(nt: int):
     devices = jax.devices()  # start the CPU backend (and its thread pool) now
     pinned = sorted(os.sched_getaffinity(0))
     restored, failed = 0, 0
+    if nt == 1:
+        allowed = pinned  # one core for the whole process (see 3. above)
     for tid in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(tid), allowed)

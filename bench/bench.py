@@ -119,9 +119,12 @@ intra_op_parallelism_threads=1``) does not limit it (measured CPU/wall 1.96 at "
 The pool is sized from the process's CPU affinity at backend start. So the jax.jit contender runs
 in one worker process per T (``bench/_jax_worker.py``, started on first use, kept for every
 case at that T): it sets its affinity to T of the usable cores, imports jax (XLA_FLAGS from the
-environment, plus ``--xla_cpu_multi_thread_eigen=false`` for T=1), starts the backend, then
-gives all its threads the full affinity back (T pool threads, free to run on any core, as the
-in-process contenders' threads are). The worker regenerates the case from the seed (a
+environment, plus ``--xla_cpu_multi_thread_eigen=false`` for T=1), starts the backend, then,
+for T > 1, gives all its threads the full affinity back (T pool threads, free to run on any
+core, as the in-process contenders' threads are). At T=1 the worker stays on one core: JAX's
+asynchronous dispatch runs the Python thread that enqueues the next call beside the pool
+thread, which on dispatch-bound tiny shapes used 1.3-1.4 CPUs per wall second (Zen 3,
+512x40) where torch and fastce use one. The worker regenerates the case from the seed (a
 fingerprint is compared with bench.py's copy) and does its own timing with the same
 ``time_calls``/``calibrate`` helpers; bench.py asks it for one sample at a time inside the same
 rotated interleaving, so noise still hits all contenders alike, and the inter-process round trip

@@ -5,7 +5,8 @@ Tokens are taken in chunks. Per chunk: its logits through BLAS (NumPy's matmul) 
 one reused buffer, then fastce's kernel over that buffer in place (loss and d loss /
 d logits in one pass), then ``grad_hidden[chunk] = g @ linear_weight`` and
 ``grad_weight += g.T @ hidden[chunk]`` (and the bias gradient), all in the inputs'
-dtype with no buffer of N x V. Ignored tokens are left out of the chunks (no GEMM
+dtype (half precision: in float32, the gradients rounded once at the end) with no buffer
+of N x V. Ignored tokens are left out of the chunks (no GEMM
 work) unless their log-sum-exp is asked for. Chunks are taken in order and every sum
 over them is in that order, so a result depends on the chunk size only through the
 rounding of the GEMMs and of each chunk's loss sum to the dtype.
