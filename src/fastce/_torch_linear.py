@@ -64,7 +64,8 @@ def _validate(input, linear_weight, target, linear_bias, weight):
 
 def _staged(t):
     """A tensor as the chunked pass reads it: half precision converted to float32 by
-    torch (the pass runs in float32; its gradients are rounded back by _tensor)."""
+    torch (the pass runs in float32; backward rounds its gradients to the input's dtype
+    once, after any scaling by the upstream gradient)."""
     if t is None:
         return None
     return _to_numpy(t.detach().float() if t.dtype in _HALF_DTYPES else t)
